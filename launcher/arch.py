@@ -1,0 +1,204 @@
+"""Model shapes: read from config.json when it is on disk, else a built-in table.
+
+The planner needs exact parameter counts without downloading or instantiating anything,
+so a shape is a few integers and the counts are closed-form (checked against the real
+transformers models on the meta device in tests/test_arch.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions that decide a model's size and cost."""
+
+    model_type: str  # llama | mistral | qwen2 | distilbert
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int = 4096
+    torch_dtype: str | None = None
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.model_type != "distilbert"
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2"
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each adaptable linear in one block."""
+        h, hd = self.hidden_size, self.head_dim
+        if not self.is_decoder:
+            return {
+                "q_lin": (h, h),
+                "k_lin": (h, h),
+                "v_lin": (h, h),
+                "out_lin": (h, h),
+                "lin1": (h, self.intermediate_size),
+                "lin2": (self.intermediate_size, h),
+            }
+        return {
+            "q_proj": (h, self.num_heads * hd),
+            "k_proj": (h, self.num_kv_heads * hd),
+            "v_proj": (h, self.num_kv_heads * hd),
+            "o_proj": (self.num_heads * hd, h),
+            "gate_proj": (h, self.intermediate_size),
+            "up_proj": (h, self.intermediate_size),
+            "down_proj": (self.intermediate_size, h),
+        }
+
+    def linear_params_per_layer(self) -> int:
+        return sum(i * o for i, o in self.linear_shapes().values())
+
+    def bias_params_per_layer(self) -> int:
+        if self.qkv_bias:
+            return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        if not self.is_decoder:
+            return 4 * self.hidden_size + self.intermediate_size + self.hidden_size
+        return 0
+
+    def norm_params_per_layer(self) -> int:
+        return (4 if not self.is_decoder else 2) * self.hidden_size
+
+    def embedding_params(self) -> int:
+        emb = self.vocab_size * self.hidden_size
+        if not self.is_decoder:  # position embeddings + embedding LayerNorm
+            emb += self.max_position_embeddings * self.hidden_size + 2 * self.hidden_size
+        return emb
+
+    def head_params(self, num_labels: int = 2) -> int:
+        if not self.is_decoder:  # pre_classifier + classifier
+            return (
+                self.hidden_size * self.hidden_size
+                + self.hidden_size
+                + (self.hidden_size * num_labels + num_labels)
+            )
+        final_norm = self.hidden_size
+        lm_head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return final_norm + lm_head
+
+    def total_params(self) -> int:
+        per_layer = (
+            self.linear_params_per_layer()
+            + self.bias_params_per_layer()
+            + self.norm_params_per_layer()
+        )
+        return self.embedding_params() + self.num_layers * per_layer + self.head_params()
+
+    def quantizable_params(self) -> int:
+        """Parameters bitsandbytes puts in 4-bit: the blocks' linear weights."""
+        return self.num_layers * self.linear_params_per_layer()
+
+    def lora_params(self, r: int, targets: list[str] | str) -> int:
+        shapes = self.linear_shapes()
+        names = list(shapes) if targets == "all-linear" else [t for t in targets if t in shapes]
+        return self.num_layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _llama(
+    v: int,
+    h: int,
+    i: int,
+    n: int,
+    heads: int,
+    kv: int,
+    tied: bool,
+    kind: str = "llama",
+    pos: int = 131072,
+    hd: int | None = None,
+) -> ModelShape:
+    return ModelShape(kind, v, h, i, n, heads, kv, hd or h // heads, tied, pos, "bfloat16")
+
+
+BUILTIN: dict[str, ModelShape] = {
+    "llama3.1-8b": _llama(128256, 4096, 14336, 32, 32, 8, False),
+    "llama3.1-70b": _llama(128256, 8192, 28672, 80, 64, 8, False),
+    "llama3.2-1b": _llama(128256, 2048, 8192, 16, 32, 8, True),
+    "llama3.2-3b": _llama(128256, 3072, 8192, 28, 24, 8, True),
+    "tinyllama-1.1b": _llama(32000, 2048, 5632, 22, 32, 4, False, pos=2048),
+    "mistral-7b": _llama(32768, 4096, 14336, 32, 32, 8, False, "mistral", 32768),
+    "qwen2.5-0.5b": _llama(151936, 896, 4864, 24, 14, 2, True, "qwen2", 32768),
+    "qwen2.5-1.5b": _llama(151936, 1536, 8960, 28, 12, 2, True, "qwen2", 32768),
+    "qwen2.5-7b": _llama(152064, 3584, 18944, 28, 28, 4, False, "qwen2", 32768),
+}
+
+# what `tune-launch tiny` builds: small enough to train on a CPU in seconds
+TINY: dict[str, ModelShape] = {
+    "llama": _llama(1024, 64, 128, 2, 4, 2, False, "llama", 512),
+    "mistral": _llama(1024, 64, 128, 2, 4, 2, False, "mistral", 512),
+    "qwen2": _llama(1024, 64, 128, 2, 4, 2, False, "qwen2", 512),
+    "distilbert": ModelShape("distilbert", 1024, 64, 128, 2, 4, 4, 16, True, 512, "float32"),
+}
+
+_FAMILY_OF_BUILTIN = {key: shape.model_type for key, shape in BUILTIN.items()}
+
+
+def family(architecture: str) -> str:
+    """The model_type of a table key or of a tiny arch name (llama3.1-70b -> llama)."""
+    if architecture in TINY:
+        return architecture
+    return _FAMILY_OF_BUILTIN.get(architecture, architecture)
+
+
+def shape_from_config(config: dict[str, Any]) -> ModelShape | None:
+    """A shape from a transformers config.json mapping, or None if unsupported."""
+    kind = config.get("model_type")
+    if kind == "distilbert":
+        return ModelShape(
+            "distilbert",
+            config["vocab_size"],
+            config["dim"],
+            config["hidden_dim"],
+            config["n_layers"],
+            config["n_heads"],
+            config["n_heads"],
+            config["dim"] // config["n_heads"],
+            True,
+            config.get("max_position_embeddings", 512),
+            config.get("dtype") or config.get("torch_dtype"),
+        )
+    if kind not in ("llama", "mistral", "qwen2"):
+        return None
+    heads = config["num_attention_heads"]
+    return ModelShape(
+        model_type=kind,
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        max_position_embeddings=config.get("max_position_embeddings", 4096),
+        torch_dtype=config.get("dtype") or config.get("torch_dtype"),
+    )
+
+
+def read_local_config(name_or_path: str) -> dict[str, Any] | None:
+    """config.json of a local model directory (no hub access), or None."""
+    path = Path(name_or_path) / "config.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+    return None

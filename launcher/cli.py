@@ -1,0 +1,257 @@
+"""tune-launch: thin argument parsing, dispatch to the stages.
+
+    tune-launch RECIPE [flags]          same as `tune-launch run RECIPE [flags]`
+    tune-launch plan RECIPE [--json]    resolve and print the plan (never imports torch)
+    tune-launch tiny ARCH OUT_DIR       write a tiny random model with a tokenizer
+    tune-launch merge|serve|eval RUN_DIR
+    tune-launch status|logs|cancel RUN_DIR
+
+Exit codes: 0 ok, 2 bad recipe or usage (every problem listed, no traceback), 1 a failed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import Problem, RecipeError, RunError
+
+COMMANDS = ("run", "plan", "tiny", "merge", "serve", "eval", "status", "logs", "cancel")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 already; keep its message short
+        self.print_usage(sys.stderr)
+        raise RecipeError([Problem("", message, f"see `{self.prog} --help`")], "usage")
+
+
+def _recipe_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--nodes", type=int, help="override resources.nodes")
+    p.add_argument("--gpus-per-node", type=int, help="override resources.gpus_per_node")
+    p.add_argument(
+        "--backend", choices=["auto", "local", "slurm"], help="override resources.backend"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any recipe field, e.g. --set train.learning_rate=1e-4",
+    )
+    p.add_argument("--run-dir", help="run directory (default: recipe run_dir or runs/<name>)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the recipe's exact plan, a few steps, on a tiny model of its architecture",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tune-launch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run", help="resolve, then train (and merge/serve/eval as the recipe asks)"
+    )
+    _recipe_flags(run)
+    run.add_argument(
+        "--dry-run", action="store_true", help="write the run directory, print what would run"
+    )
+    run.add_argument("--wait", action="store_true", help="slurm: follow the job to its end")
+    run.add_argument(
+        "--stages",
+        default="train,merge,serve,eval",
+        help="comma-separated stages to run (default: all the recipe enables)",
+    )
+
+    plan = sub.add_parser("plan", help="print the resolved plan")
+    _recipe_flags(plan)
+    plan.add_argument("--json", action="store_true", help="print JSON")
+
+    tiny = sub.add_parser("tiny", help="write a tiny random model of a real architecture")
+    tiny.add_argument("arch", help="llama, mistral, qwen2 or distilbert")
+    tiny.add_argument("out_dir")
+    tiny.add_argument(
+        "--corpus", action="append", default=[], help="jsonl file(s) for the tokenizer"
+    )
+    tiny.add_argument("--seed", type=int, default=0)
+
+    merge = sub.add_parser("merge", help="merge the run's adapter into its base model")
+    merge.add_argument("run_dir")
+    merge.add_argument(
+        "--force", action="store_true", help="merge again even if merged/ is complete"
+    )
+
+    serve = sub.add_parser("serve", help="serve a run (or a model directory) with vLLM")
+    serve.add_argument("target", help="run directory or model directory")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--host")
+    serve.add_argument("--engine", choices=["vllm", "vllm-cpu"])
+    serve.add_argument("--mode", choices=["merged", "lora"])
+    serve.add_argument("--backend", choices=["local", "slurm"], default="local")
+
+    ev = sub.add_parser("eval", help="evaluate a run against an OpenAI-compatible endpoint")
+    ev.add_argument("run_dir")
+    ev.add_argument("--endpoint", help="use this endpoint instead of starting a server")
+
+    for name, text in (("status", "state of the run's job"), ("cancel", "stop the run's job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run_dir")
+    logs = sub.add_parser("logs", help="print a rank's log")
+    logs.add_argument("run_dir")
+    logs.add_argument("--rank", type=int, default=0)
+    logs.add_argument("--follow", "-f", action="store_true")
+    return parser
+
+
+def _resolve(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Load, localize and resolve the recipe named in args -> Plan (no torch imported)."""
+    from launcher import arch
+    from launcher.plan import ClusterFacts, resolve
+    from launcher.recipe import load_recipe, localize
+
+    overrides = list(args.overrides)
+    if args.backend:
+        overrides.append(f"resources.backend={args.backend}")
+    recipe = load_recipe(args.recipe, overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+    recipe = localize(recipe, Path(args.recipe).resolve().parent)
+    if args.smoke:
+        from launcher.smoke import smoke_recipe
+
+        recipe = smoke_recipe(recipe)
+    run_dir = Path(args.run_dir or recipe.run_dir or Path("runs") / recipe.name).resolve()
+    facts = ClusterFacts(
+        run_dir=str(run_dir),
+        python=sys.executable,
+        model_config=arch.read_local_config(recipe.model.name_or_path),
+        cpus=os.cpu_count() or 1,
+        smoke=args.smoke,
+    )
+    return resolve(recipe, facts)
+
+
+def _print_plan(plan: Any, as_json: bool) -> None:
+    from launcher.plan_view import plan_summary, plan_table
+
+    if as_json:
+        print(json.dumps(plan_summary(plan), indent=2))
+    else:
+        print(plan_table(plan))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    _print_plan(_resolve(args), args.json)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    plan = _resolve(args)
+    if args.dry_run:
+        from launcher.plan_view import dry_run_text
+        from launcher.rundir import write_run_dir
+
+        written = write_run_dir(plan)
+        print(dry_run_text(plan, written))
+        return 0
+    from launcher.pipeline import run_pipeline
+
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    return run_pipeline(plan, stages=stages, wait=args.wait)
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from launcher.tiny import ARCHES, write_tiny
+
+    if args.arch not in ARCHES:
+        raise RecipeError(
+            [Problem("arch", "unknown architecture", f"use one of {', '.join(ARCHES)}", args.arch)],
+            "usage",
+        )
+    out = write_tiny(args.arch, args.out_dir, corpus_files=args.corpus, seed=args.seed)
+    print(f"wrote a tiny {args.arch} model to {out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from launcher.merge import merge_run
+
+    out = merge_run(Path(args.run_dir), force=args.force)
+    print(f"merged model: {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.vllm import serve_cli
+
+    return serve_cli(
+        Path(args.target),
+        port=args.port,
+        host=args.host,
+        engine=args.engine,
+        mode=args.mode,
+        backend=args.backend,
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from serve.eval import eval_run
+
+    eval_run(Path(args.run_dir), endpoint=args.endpoint)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    run_dir = Path(args.run_dir)
+    if args.command == "status":
+        return jobs.print_status(run_dir)
+    if args.command == "cancel":
+        return jobs.cancel(run_dir)
+    return jobs.print_logs(run_dir, rank=args.rank, follow=args.follow)
+
+
+HANDLERS = {
+    "run": cmd_run,
+    "plan": cmd_plan,
+    "tiny": cmd_tiny,
+    "merge": cmd_merge,
+    "serve": cmd_serve,
+    "eval": cmd_eval,
+    "status": cmd_jobs,
+    "logs": cmd_jobs,
+    "cancel": cmd_jobs,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "run")  # tune-launch RECIPE ... == tune-launch run RECIPE ...
+    try:
+        args = build_parser().parse_args(argv)
+        code = HANDLERS[args.command](args)
+    except RecipeError as exc:
+        print(f"error: {exc.render()}", file=sys.stderr)
+        return 2
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Per-GPU and host-RAM memory estimate for a plan (pure arithmetic, no torch).
+
+The model, written out so a reader can check it by hand (tests/test_memory.py does):
+- weights: full/LoRA hold every parameter in `model.dtype`; QLoRA holds the blocks' linear
+  weights in 4 bits (0.5 byte) plus the quantization constants (one fp32 absmax per 64
+  weights, or with double quantization one 8-bit absmax per 64 plus one fp32 per 256 blocks),
+  the rest (embeddings, norms, lm_head) in the compute dtype. ZeRO-3/FSDP divide by the world size.
+- trainable parameters: every one (full) or the LoRA A/B matrices (+ modules_to_save).
+- gradients: 2 bytes per trainable parameter in bf16/fp16, 4 in fp32; ZeRO-2/3 shard them.
+- optimizer: AdamW 8 bytes per trainable parameter (two fp32 moments), the 8-bit ones 2,
+  adafactor ~4 bytes per row+column (taken as 0.5 byte per parameter); plus a 4-byte fp32 master
+  copy when trainable weights are 16-bit under DeepSpeed. ZeRO shards them; offload moves them
+  to host RAM.
+- activations (per layer, per micro batch b and sequence s, hidden h, a heads, in 16-bit,
+  Korthikanti et al. 2022): s*b*h*(34 + 5*a*s/h) bytes without checkpointing; with it, the
+  2*s*b*h bytes of each layer's input plus one layer's full activations. Logits add
+  b*s*vocab*(2 + 4 + 4) (16-bit logits, their fp32 upcast and its gradient).
+- runtime: 1 GiB (CUDA context, allocator slack, NCCL buffers) on GPU; 0 on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launcher.arch import ModelShape
+
+GIB = 1024**3
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class MemoryInputs:
+    shape: ModelShape
+    method: str  # full | lora | qlora
+    dtype: str
+    precision: str
+    lora_r: int
+    lora_targets: list[str] | str
+    optimizer: str
+    strategy: str
+    world_size: int
+    gpus_per_node: int
+    micro_batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+    offload_optimizer: bool
+    offload_params: bool
+    double_quant: bool
+    on_gpu: bool
+    merge_shard_gb: float
+
+
+def weight_bytes(shape: ModelShape, method: str, dtype: str, double_quant: bool) -> float:
+    total = shape.total_params()
+    if method != "qlora":
+        return total * DTYPE_BYTES[dtype]
+    quantized = shape.quantizable_params()
+    blocks = quantized / 64
+    constants = blocks * 1 + (blocks / 256) * 4 if double_quant else blocks * 4
+    return quantized * 0.5 + constants + (total - quantized) * DTYPE_BYTES[dtype]
+
+
+def trainable_params(shape: ModelShape, method: str, r: int, targets: list[str] | str) -> int:
+    return shape.total_params() if method == "full" else shape.lora_params(r, targets)
+
+
+def optimizer_bytes_per_param(optimizer: str) -> float:
+    if optimizer in ("adamw_bnb_8bit", "paged_adamw_8bit"):
+        return 2.0
+    if optimizer == "adafactor":
+        return 0.5
+    return 8.0
+
+
+def activation_bytes(shape: ModelShape, micro_batch: int, seq: int, checkpointing: bool) -> float:
+    s, b, h, a = seq, micro_batch, shape.hidden_size, shape.num_heads
+    per_layer_full = s * b * h * (34 + 5 * a * s / h)
+    if checkpointing:
+        layers = shape.num_layers * 2 * s * b * h + per_layer_full
+    else:
+        layers = shape.num_layers * per_layer_full
+    logits = b * s * shape.vocab_size * (2 + 4 + 4)
+    return layers + logits
+
+
+def estimate(m: MemoryInputs) -> dict[str, object]:
+    """Per-GPU breakdown (GiB) and host RAM needs; a plain dict so it lands in plan.json."""
+    shape = m.shape
+    ws = max(m.world_size, 1)
+    sharded_params = m.strategy in ("zero3", "fsdp")
+    sharded_grads = m.strategy in ("zero2", "zero3", "fsdp")
+    sharded_optim = m.strategy in ("zero2", "zero3", "fsdp")
+    deepspeed = m.strategy in ("zero2", "zero3")
+
+    weights = weight_bytes(shape, m.method, m.dtype, m.double_quant)
+    trainable = trainable_params(shape, m.method, m.lora_r, m.lora_targets)
+    # LoRA adapters live in fp32 when the base is quantized (peft's prepare_model_for_kbit_training)
+    adapter_bytes = trainable * (4 if m.method == "qlora" else DTYPE_BYTES[m.dtype])
+    if m.method != "full":
+        weights += adapter_bytes
+    grad_bytes = trainable * (4 if m.precision == "fp32" or m.method == "qlora" else 2)
+    optim = trainable * optimizer_bytes_per_param(m.optimizer)
+    if deepspeed and DTYPE_BYTES[m.dtype] == 2 and m.method == "full":
+        optim += trainable * 4  # fp32 master weights
+    acts = activation_bytes(shape, m.micro_batch_size, m.seq_len, m.gradient_checkpointing)
+
+    gpu_weights = weights / ws if sharded_params else weights
+    if m.offload_params and m.strategy == "zero3":
+        gpu_weights = 0.0
+    gpu_grads = grad_bytes / ws if sharded_grads else grad_bytes
+    gpu_optim = optim / ws if sharded_optim else optim
+    host_optim = 0.0
+    if m.offload_optimizer and deepspeed:
+        host_optim, gpu_optim = gpu_optim * m.gpus_per_node, 0.0
+    runtime = GIB if m.on_gpu else 0.0
+    total = gpu_weights + gpu_grads + gpu_optim + acts + runtime
+
+    # host RAM: each rank materialises its weights on the host before moving them to the device
+    # (ZeRO-3 with zero.Init loads its shard), plus offloaded states; merge streams one shard
+    load_per_rank = weights / ws if sharded_params else weights
+    host_load = load_per_rank * m.gpus_per_node + host_optim
+    if m.offload_params and m.strategy == "zero3":
+        host_load += weights / ws * m.gpus_per_node
+    shard = min(m.merge_shard_gb * 1e9, shape.total_params() * 2)  # 16-bit shards
+    merge_bytes = shard * 2 + adapter_bytes * 2  # one shard in and out, plus the adapter
+
+    def gib(x: float) -> float:
+        return round(x / GIB, 3)
+
+    return {
+        "per_gpu_gib": gib(total),
+        "breakdown_gib": {
+            "weights": gib(gpu_weights),
+            "gradients": gib(gpu_grads),
+            "optimizer": gib(gpu_optim),
+            "activations": gib(acts),
+            "runtime": gib(runtime),
+        },
+        "params": shape.total_params(),
+        "trainable_params": trainable,
+        "weight_bytes": int(weight_bytes(shape, m.method, m.dtype, m.double_quant)),
+        "host_ram_load_gib_per_node": gib(host_load),
+        "host_ram_merge_gib": gib(merge_bytes),
+        "checkpoint_bytes": int(_checkpoint_bytes(m, trainable, optim)),
+    }
+
+
+def _checkpoint_bytes(m: MemoryInputs, trainable: int, optim: float) -> float:
+    """Bytes one checkpoint writes: trainable weights (model dtype or fp32) + optimizer states."""
+    weights = trainable * (4 if m.method != "full" else DTYPE_BYTES[m.dtype])
+    return weights + optim + 1e6  # + tokenizer, trainer state, RNG files
+
+
+def suggestions(m: MemoryInputs) -> list[str]:
+    """What to change when the estimate does not fit, most effective first."""
+    out = []
+    if m.strategy not in ("zero3", "fsdp") and m.world_size > 1:
+        out.append("distributed.strategy=zero3 (shard weights, gradients and optimizer states)")
+    if m.method == "full":
+        out.append("method.kind=qlora (4-bit base + adapters)")
+    elif m.method == "lora":
+        out.append("method.kind=qlora (4-bit base)")
+    if not m.gradient_checkpointing:
+        out.append("train.gradient_checkpointing=true")
+    if m.micro_batch_size > 1:
+        out.append(
+            "a smaller train.micro_batch_size (gradient accumulation keeps the global batch)"
+        )
+    if m.strategy in ("zero2", "zero3") and not m.offload_optimizer:
+        out.append("distributed.offload_optimizer=true")
+    return out

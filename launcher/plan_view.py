@@ -1,0 +1,131 @@
+"""How a plan is shown: the JSON summary, the readable table, the dry-run text."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+from launcher.plan import Plan
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    """The `tune-launch plan --json` document."""
+    return {
+        "name": plan.name,
+        "run_dir": plan.run_dir,
+        "world_size": plan.world_size,
+        "nodes": plan.nodes,
+        "gpus_per_node": plan.gpus_per_node,
+        "accelerator": "gpu" if plan.on_gpu else "cpu",
+        "method": plan.recipe.method.kind,
+        "strategy": plan.recipe.distributed.strategy,
+        "micro_batch_size": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "global_batch_size": plan.global_batch_size,
+        "quant_storage": plan.quant_storage,
+        "deepspeed": plan.deepspeed,
+        "accelerate": plan.accelerate,
+        "memory": plan.memory,
+        "launch": plan.launch,
+        "env": plan.env,
+        "serve": plan.serve,
+        "warnings": plan.warnings,
+    }
+
+
+def _rows(rows: list[tuple[str, Any]]) -> list[str]:
+    width = max(len(k) for k, _ in rows)
+    return [f"  {k.ljust(width)}  {v}" for k, v in rows]
+
+
+def plan_table(plan: Plan) -> str:
+    r = plan.recipe
+    out = [f"plan {plan.name}  ->  {plan.run_dir}", "", "batch"]
+    out += _rows(
+        [
+            (
+                "world size",
+                f"{plan.nodes} node(s) x {plan.gpus_per_node} {'GPU' if plan.on_gpu else 'CPU process'}(s) = {plan.world_size}",
+            ),
+            ("micro batch", plan.micro_batch_size),
+            ("grad accumulation", plan.gradient_accumulation_steps),
+            (
+                "global batch",
+                f"{plan.micro_batch_size} x {plan.gradient_accumulation_steps} x {plan.world_size} = {plan.global_batch_size}",
+            ),
+            ("sequence length", r.data.max_seq_len),
+        ]
+    )
+    out += ["", "training"]
+    out += _rows(
+        [
+            ("model", r.model.name_or_path),
+            (
+                "method",
+                r.method.kind
+                + (
+                    f" (r={r.method.r}, alpha={r.method.alpha}, targets={r.method.target_modules})"
+                    if r.method.kind != "full"
+                    else ""
+                ),
+            ),
+            (
+                "strategy",
+                r.distributed.strategy
+                + (" + optimizer offload" if r.distributed.offload_optimizer else "")
+                + (" + param offload" if r.distributed.offload_params else ""),
+            ),
+            (
+                "precision",
+                f"weights {r.model.dtype}, compute {r.train.precision}"
+                + (f", 4-bit storage {plan.quant_storage}" if plan.quant_storage else ""),
+            ),
+            ("optimizer", r.train.optimizer),
+            ("checkpointing", "on" if r.train.gradient_checkpointing else "off"),
+        ]
+    )
+    if plan.memory:
+        m = plan.memory
+        out += ["", "memory (estimate)"]
+        rows = [(k, f"{v:.2f} GiB") for k, v in m["breakdown_gib"].items()]
+        rows += [
+            (
+                "per GPU" if plan.on_gpu else "per process",
+                f"{m['per_gpu_gib']:.2f} GiB"
+                + (f" of {r.resources.gpu_memory_gib} GiB" if plan.on_gpu else ""),
+            ),
+            ("parameters", f"{m['params']:,} ({m['trainable_params']:,} trainable)"),
+            ("host RAM to load", f"{m['host_ram_load_gib_per_node']:.2f} GiB per node"),
+            ("host RAM to merge", f"{m['host_ram_merge_gib']:.2f} GiB (streaming)"),
+            ("checkpoint size", f"{m['checkpoint_bytes'] / 1e9:.2f} GB"),
+        ]
+        out += _rows(rows)
+    out += [
+        "",
+        "serving",
+        *_rows(
+            [("tensor parallel", f"{plan.serve['tensor_parallel_size']} ({plan.serve['reason']})")]
+        ),
+    ]
+    out += ["", "launch (per node)", "  " + shlex.join(plan.launch)]
+    if plan.warnings:
+        out += ["", "warnings", *(f"  ! {w}" for w in plan.warnings)]
+    return "\n".join(out)
+
+
+def dry_run_text(plan: Plan, written: dict[str, Path], extra: dict[str, str] | None = None) -> str:
+    """Everything that would run: the files' contents, exactly as written."""
+    out = [plan_table(plan), "", f"run directory written: {plan.run_dir}"]
+    for name in ("accelerate.yaml", "deepspeed.json", "launch.sh"):
+        if name in written:
+            out += ["", f"--- {written[name]}", written[name].read_text().rstrip()]
+    for title, text in (extra or {}).items():
+        out += ["", f"--- {title}", text.rstrip()]
+    out += ["", "(dry run: nothing was launched)"]
+    return "\n".join(out)
+
+
+def plan_json(plan: Plan) -> str:
+    return json.dumps(plan_summary(plan), indent=2)

@@ -1,0 +1,212 @@
+"""Plan -> concrete configs: DeepSpeed JSON, accelerate YAML, per-node launch argv/env.
+
+Pure functions returning data. What they return is written to the run directory and is
+exactly what runs: no `"auto"` is left in the DeepSpeed config.
+Per-node values that only exist inside a SLURM step (`{node_rank}`, `{master_addr}`,
+`{master_port}`) stay as placeholders and are filled by `cluster/rank_env.py` on the node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from launcher.arch import ModelShape
+
+NODE_RANK, MASTER_ADDR, MASTER_PORT = "{node_rank}", "{master_addr}", "{master_port}"
+
+
+def render_deepspeed(
+    *,
+    strategy: str,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    world_size: int,
+    max_grad_norm: float,
+    precision: str,
+    offload_optimizer: bool,
+    offload_params: bool,
+    shape: ModelShape | None,
+) -> dict[str, Any] | None:
+    """The DeepSpeed config for zero2/zero3, or None for other strategies."""
+    if strategy not in ("zero2", "zero3"):
+        return None
+    hidden = shape.hidden_size if shape else 4096
+    zero: dict[str, Any] = {
+        "stage": 2 if strategy == "zero2" else 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": int(hidden * hidden),
+    }
+    if strategy == "zero2":
+        zero |= {
+            "allgather_partitions": True,
+            "allgather_bucket_size": int(5e8),
+            "reduce_scatter": True,
+        }
+    else:
+        zero |= {
+            "sub_group_size": int(1e9),
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": int(10 * hidden),
+            "stage3_max_live_parameters": int(1e9),
+            "stage3_max_reuse_distance": int(1e9),
+            "stage3_gather_16bit_weights_on_model_save": True,
+        }
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload_params and strategy == "zero3":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
+        "gradient_clipping": max_grad_norm,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,
+            "loss_scale_window": 1000,
+            "initial_scale_power": 16,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "zero_optimization": zero,
+        # the Trainer builds the optimizer (8-bit/paged ones included); DeepSpeed wraps it
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1_000_000,
+        "wall_clock_breakdown": False,
+    }
+    return config
+
+
+def render_accelerate(
+    *,
+    strategy: str,
+    nodes: int,
+    gpus_per_node: int,
+    precision: str,
+    on_gpu: bool,
+    deepspeed_path: str | None,
+    fsdp_wrap_class: str | None,
+    offload_params: bool,
+) -> dict[str, Any]:
+    """accelerate's config file (the keys `accelerate config` writes)."""
+    world = nodes * gpus_per_node
+    if strategy in ("zero2", "zero3"):
+        distributed_type = "DEEPSPEED"
+    elif strategy == "fsdp":
+        distributed_type = "FSDP"
+    elif world == 1:
+        distributed_type = "NO"
+    else:
+        distributed_type = "MULTI_GPU" if on_gpu else "MULTI_CPU"
+    config: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "debug": False,
+        "distributed_type": distributed_type,
+        "downcast_bf16": "no",
+        "machine_rank": 0,
+        "main_training_function": "main",
+        "mixed_precision": {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no"),
+        "num_machines": nodes,
+        "num_processes": world,
+        "rdzv_backend": "static" if nodes > 1 else "no",
+        "same_network": True,
+        "tpu_env": [],
+        "tpu_use_cluster": False,
+        "tpu_use_sudo": False,
+        "use_cpu": not on_gpu,
+    }
+    if nodes > 1:
+        config["main_process_ip"] = MASTER_ADDR
+        config["main_process_port"] = MASTER_PORT
+    if distributed_type == "DEEPSPEED":
+        config["deepspeed_config"] = {
+            "deepspeed_config_file": deepspeed_path,
+            "deepspeed_multinode_launcher": "standard",
+            "zero3_init_flag": strategy == "zero3",
+        }
+        # with a DeepSpeed file, precision lives in the file
+        config.pop("mixed_precision")
+    if distributed_type == "FSDP":
+        config["fsdp_config"] = {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_transformer_layer_cls_to_wrap": fsdp_wrap_class or "LlamaDecoderLayer",
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_offload_params": offload_params,
+            "fsdp_reshard_after_forward": True,
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_activation_checkpointing": False,
+        }
+    return config
+
+
+def render_launch(
+    *,
+    launcher: str,
+    python: str,
+    nodes: int,
+    gpus_per_node: int,
+    run_dir: str,
+    accelerate_path: str,
+) -> list[str]:
+    """The argv each node runs (placeholders filled per node for multi-node jobs)."""
+    entry = ["-m", "launcher.train", run_dir]
+    if launcher == "accelerate":
+        argv = [python, "-m", "accelerate.commands.launch", "--config_file", accelerate_path]
+        if nodes > 1:
+            argv += [
+                "--machine_rank",
+                NODE_RANK,
+                "--main_process_ip",
+                MASTER_ADDR,
+                "--main_process_port",
+                MASTER_PORT,
+            ]
+        else:
+            argv += ["--main_process_port", "0"]
+        return [*argv, *entry]
+    argv = [python, "-m", "torch.distributed.run", f"--nproc-per-node={gpus_per_node}"]
+    if nodes == 1:
+        argv += ["--standalone", "--nnodes=1"]
+    else:
+        argv += [
+            f"--nnodes={nodes}",
+            f"--node-rank={NODE_RANK}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={MASTER_ADDR}:{MASTER_PORT}",
+            "--rdzv-id={rdzv_id}",
+        ]
+    argv += ["--max-restarts=0", "--monitor-interval=1"]
+    return [*argv, *entry]
+
+
+def render_env(
+    *,
+    on_gpu: bool,
+    nccl_timeout_s: int,
+    socket_ifname: str | None,
+    ib_disable: bool | None,
+    user_env: dict[str, str],
+    threads_per_rank: int,
+) -> dict[str, str]:
+    """Plain (non-secret) variables every rank gets."""
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(threads_per_rank),
+        "TUNE_LAUNCH_NCCL_TIMEOUT_S": str(nccl_timeout_s),
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if not on_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if socket_ifname:
+        env["NCCL_SOCKET_IFNAME"] = socket_ifname
+        env["GLOO_SOCKET_IFNAME"] = socket_ifname
+    if ib_disable is not None:
+        env["NCCL_IB_DISABLE"] = "1" if ib_disable else "0"
+    env.update(user_env)
+    return env
