@@ -405,7 +405,8 @@ def resolve(recipe: Recipe, facts: ClusterFacts) -> Plan:
         run_dir=run_dir,
         accelerate_path=f"{run_dir}/accelerate.yaml",
     )
-    threads = max(1, facts.cpus // gpn) if not on_gpu else max(1, min(8, facts.cpus // gpn))
+    cpus = res.cpus_per_node or facts.cpus
+    threads = max(1, cpus // gpn) if not on_gpu else max(1, min(8, cpus // gpn))
     env = render.render_env(
         on_gpu=on_gpu,
         nccl_timeout_s=dist.nccl_timeout_s,

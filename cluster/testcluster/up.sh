@@ -226,6 +226,8 @@ TaskPlugin=task/none
 MpiDefault=none
 MailProg=/bin/true
 SchedulerType=sched/backfill
+# Pending jobs whose BeginTime passed (e.g. requeued ones) start on the next periodic pass.
+SchedulerParameters=sched_interval=5,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 PreemptType=preempt/none

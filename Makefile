@@ -1,0 +1,39 @@
+# The two commands of the README: `make quickstart` (the main job) and `make test` (CI).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup quickstart test test-fast cluster-up cluster-down lint bench bench-smoke reliability-report
+
+setup:
+	bash scripts/setup.sh
+
+quickstart: setup
+	$(VENV)/bin/tune-launch recipes/quickstart.yaml
+
+cluster-up:
+	bash cluster/testcluster/up.sh
+
+cluster-down:
+	bash cluster/testcluster/down.sh
+
+lint: setup
+	$(VENV)/bin/ruff check launcher cluster serve tests scripts
+	$(VENV)/bin/ruff format --check launcher cluster serve tests scripts
+	$(VENV)/bin/mypy
+
+# the whole suite: unit, real multi-process training, real SLURM, real vLLM, bench smoke
+test: setup cluster-up lint
+	$(PY) -m pytest tests -v --durations=25 -p no:cacheprovider
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not train and not slurm and not vllm and not bench" -q
+
+bench: setup
+	$(PY) tests/benchmarks/run_all.py
+
+bench-smoke: setup
+	$(PY) tests/benchmarks/run_all.py --smoke

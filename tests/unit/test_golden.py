@@ -1,0 +1,41 @@
+"""Golden files of the rendered configs for two recipes (UPDATE_GOLDEN=1 rewrites them)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from launcher.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).parent / "golden"
+CASES = {"quickstart": ["--set", "resources.cpus_per_node=2"], "llama70b_qlora": ["--nodes", "2"]}
+
+
+def _normalise(text: str, run_dir: Path) -> str:
+    import sys
+
+    return text.replace(str(run_dir), "RUN_DIR").replace(sys.executable, "PYTHON").replace(
+        str(ROOT), "ROOT")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rendered_configs_match_golden(name: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["run", str(ROOT / f"recipes/{name}.yaml"), "--dry-run", "--run-dir", str(run_dir),
+                 *CASES[name]]) == 0
+    plan = json.loads((run_dir / "plan.json").read_text())
+    rendered = {
+        "deepspeed.json": (run_dir / "deepspeed.json").read_text(),
+        "accelerate.yaml": (run_dir / "accelerate.yaml").read_text(),
+        "launch.json": json.dumps({"argv": plan["launch"], "env": plan["env"]}, indent=2),
+    }
+    for suffix, text in rendered.items():
+        text = _normalise(text, run_dir)
+        golden = GOLDEN / f"{name}.{suffix}"
+        if os.environ.get("UPDATE_GOLDEN"):
+            golden.write_text(text)
+        assert golden.read_text() == text, f"{golden} differs (UPDATE_GOLDEN=1 to accept)"

@@ -1,0 +1,54 @@
+"""The memory estimate for a known case agrees with a hand calculation written out here."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher.arch import BUILTIN
+from launcher.memory import GIB, MemoryInputs, estimate
+
+
+def test_llama8b_lora_ddp_by_hand() -> None:
+    shape = BUILTIN["llama3.1-8b"]
+    m = MemoryInputs(
+        shape=shape, method="lora", dtype="bf16", precision="bf16", lora_r=16,
+        lora_targets="all-linear", optimizer="adamw_torch", strategy="ddp", world_size=8,
+        gpus_per_node=8, micro_batch_size=2, seq_len=2048, gradient_checkpointing=True,
+        offload_optimizer=False, offload_params=False, double_quant=True, on_gpu=True,
+        merge_shard_gb=5.0,
+    )
+    est = estimate(m)
+    # parameters of Llama 3.1 8B: 8,030,261,248 (the published count)
+    assert est["params"] == 8_030_261_248
+    # LoRA r=16 on q,k,v,o,gate,up,down of 32 layers:
+    # q: 16*(4096+4096), k,v: 16*(4096+1024) each, o: 16*(4096+4096), gate/up: 16*(4096+14336) each,
+    # down: 16*(14336+4096) -> per layer 16*(8192+5120+5120+8192+18432*3) = 16*81,920 = 1,310,720
+    assert est["trainable_params"] == 32 * 1_310_720 == 41_943_040
+    weights = (8_030_261_248 + 41_943_040) * 2  # bf16 base + bf16 adapters
+    grads = 41_943_040 * 2
+    optim = 41_943_040 * 8  # two fp32 Adam moments
+    s, b, h, a = 2048, 2, 4096, 32
+    acts = 32 * 2 * s * b * h + s * b * h * (34 + 5 * a * s / h) + b * s * 128256 * 10
+    total = weights + grads + optim + acts + GIB
+    assert est["per_gpu_gib"] == pytest.approx(total / GIB, abs=1e-3)
+    assert est["breakdown_gib"]["weights"] == pytest.approx(weights / GIB, abs=1e-3)
+
+
+def test_zero3_qlora_shards_weights_over_world() -> None:
+    shape = BUILTIN["llama3.1-70b"]
+    common = dict(shape=shape, method="qlora", dtype="bf16", precision="bf16", lora_r=64,
+                  lora_targets="all-linear", optimizer="paged_adamw_8bit", gpus_per_node=8,
+                  micro_batch_size=1, seq_len=4096, gradient_checkpointing=True,
+                  offload_optimizer=False, offload_params=False, double_quant=True, on_gpu=True,
+                  merge_shard_gb=5.0)
+    one = estimate(MemoryInputs(strategy="ddp", world_size=1, **common))  # type: ignore[arg-type]
+    z3 = estimate(MemoryInputs(strategy="zero3", world_size=16, **common))  # type: ignore[arg-type]
+    assert z3["breakdown_gib"]["weights"] == pytest.approx(one["breakdown_gib"]["weights"] / 16, rel=1e-3)
+    # 4-bit: the blocks' linear weights at 0.5 byte + double-quant constants, the rest bf16
+    q = shape.quantizable_params()
+    expected = q * 0.5 + q / 64 + q / 64 / 256 * 4 + (shape.total_params() - q) * 2
+    assert one["weight_bytes"] == int(expected)
+    # checkpointing cuts activations
+    no_ckpt = estimate(MemoryInputs(strategy="zero3", world_size=16,
+                                    **{**common, "gradient_checkpointing": False}))  # type: ignore[arg-type]
+    assert no_ckpt["breakdown_gib"]["activations"] > 5 * z3["breakdown_gib"]["activations"]
