@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _resolve(args: argparse.Namespace) -> Any:
     """Load, localize and resolve the recipe named in args -> Plan (no torch imported)."""
     from launcher import arch
     from launcher.plan import ClusterFacts, resolve

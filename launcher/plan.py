@@ -111,7 +111,7 @@ def _compat(
     """Known-bad combinations; returns the resolved bnb quant storage dtype."""
     method, dist, train, res = recipe.method, recipe.distributed, recipe.train, recipe.resources
     on_gpu = res.accelerator == "gpu"
-    quant_storage = None
+    quant_storage: str | None = None
     if method.kind == "qlora":
         compute = method.quant.compute_dtype or recipe.model.dtype
         if dist.strategy in ("zero3", "fsdp"):

@@ -312,7 +312,7 @@ class _SafeLoader(yaml.SafeLoader):
 def _no_duplicates(loader: _SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: set[Any] = set()
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=deep)
         if not isinstance(key, str | int | float | bool) and key is not None:
             raise yaml.constructor.ConstructorError(
                 None, None, f"keys must be plain strings, not {key!r}", key_node.start_mark

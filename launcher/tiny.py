@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from launcher.arch import TINY, ModelShape
 
@@ -58,7 +59,7 @@ def _texts_from_file(path: Path, limit: int = 20000) -> Iterable[str]:
                 return
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int, encoder: bool = False):  # type: ignore[no-untyped-def]
+def build_tokenizer(corpus: Iterable[str], vocab_size: int, encoder: bool = False) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -96,7 +97,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int, encoder: bool = Fals
     return fast
 
 
-def _config(arch: str, shape: ModelShape, tok, num_labels: int):  # type: ignore[no-untyped-def]
+def _config(arch: str, shape: ModelShape, tok: Any, num_labels: int) -> Any:
     import transformers
 
     if arch == "distilbert":
@@ -108,7 +109,7 @@ def _config(arch: str, shape: ModelShape, tok, num_labels: int):  # type: ignore
             n_heads=shape.num_heads,
             max_position_embeddings=shape.max_position_embeddings,
             pad_token_id=tok.pad_token_id,
-            num_labels=num_labels,
+            num_labels=num_labels,  # type: ignore[call-arg]
         )
     cls = {
         "llama": transformers.LlamaConfig,

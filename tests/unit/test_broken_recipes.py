@@ -25,7 +25,9 @@ def test_corpus_is_large_enough() -> None:
 
 
 @pytest.mark.parametrize("path", BROKEN, ids=[p.stem for p in BROKEN])
-def test_broken_recipe_exits_2_naming_the_field(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_broken_recipe_exits_2_naming_the_field(
+    path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main(["plan", str(path)])
     err = capsys.readouterr().err
     assert code == 2, err
@@ -58,14 +60,19 @@ def test_all_problems_listed_at_once(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_cli_subprocess_no_traceback_and_exit_2() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "launcher.cli", str(BROKEN[0])],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "problem" in proc.stderr
 
 
-def test_python_tag_is_refused_without_running(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_python_tag_is_refused_without_running(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     marker = tmp_path / "pwned"
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f'name: !!python/object/apply:os.system ["touch {marker}"]\n')
@@ -75,8 +82,16 @@ def test_python_tag_is_refused_without_running(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_bad_override_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["plan", str(ROOT / "recipes/quickstart.yaml"), "--set", "train.lerning_rate=1",
-                 "--set", "method.r=abc"])
+    code = main(
+        [
+            "plan",
+            str(ROOT / "recipes/quickstart.yaml"),
+            "--set",
+            "train.lerning_rate=1",
+            "--set",
+            "method.r=abc",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "train.lerning_rate" in err and "method.r" in err

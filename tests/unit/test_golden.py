@@ -18,15 +18,29 @@ CASES = {"quickstart": ["--set", "resources.cpus_per_node=2"], "llama70b_qlora":
 def _normalise(text: str, run_dir: Path) -> str:
     import sys
 
-    return text.replace(str(run_dir), "RUN_DIR").replace(sys.executable, "PYTHON").replace(
-        str(ROOT), "ROOT")
+    return (
+        text.replace(str(run_dir), "RUN_DIR")
+        .replace(sys.executable, "PYTHON")
+        .replace(str(ROOT), "ROOT")
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_rendered_configs_match_golden(name: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    assert main(["run", str(ROOT / f"recipes/{name}.yaml"), "--dry-run", "--run-dir", str(run_dir),
-                 *CASES[name]]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(ROOT / f"recipes/{name}.yaml"),
+                "--dry-run",
+                "--run-dir",
+                str(run_dir),
+                *CASES[name],
+            ]
+        )
+        == 0
+    )
     plan = json.loads((run_dir / "plan.json").read_text())
     rendered = {
         "deepspeed.json": (run_dir / "deepspeed.json").read_text(),

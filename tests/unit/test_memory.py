@@ -11,10 +11,23 @@ from launcher.memory import GIB, MemoryInputs, estimate
 def test_llama8b_lora_ddp_by_hand() -> None:
     shape = BUILTIN["llama3.1-8b"]
     m = MemoryInputs(
-        shape=shape, method="lora", dtype="bf16", precision="bf16", lora_r=16,
-        lora_targets="all-linear", optimizer="adamw_torch", strategy="ddp", world_size=8,
-        gpus_per_node=8, micro_batch_size=2, seq_len=2048, gradient_checkpointing=True,
-        offload_optimizer=False, offload_params=False, double_quant=True, on_gpu=True,
+        shape=shape,
+        method="lora",
+        dtype="bf16",
+        precision="bf16",
+        lora_r=16,
+        lora_targets="all-linear",
+        optimizer="adamw_torch",
+        strategy="ddp",
+        world_size=8,
+        gpus_per_node=8,
+        micro_batch_size=2,
+        seq_len=2048,
+        gradient_checkpointing=True,
+        offload_optimizer=False,
+        offload_params=False,
+        double_quant=True,
+        on_gpu=True,
         merge_shard_gb=5.0,
     )
     est = estimate(m)
@@ -36,19 +49,35 @@ def test_llama8b_lora_ddp_by_hand() -> None:
 
 def test_zero3_qlora_shards_weights_over_world() -> None:
     shape = BUILTIN["llama3.1-70b"]
-    common = dict(shape=shape, method="qlora", dtype="bf16", precision="bf16", lora_r=64,
-                  lora_targets="all-linear", optimizer="paged_adamw_8bit", gpus_per_node=8,
-                  micro_batch_size=1, seq_len=4096, gradient_checkpointing=True,
-                  offload_optimizer=False, offload_params=False, double_quant=True, on_gpu=True,
-                  merge_shard_gb=5.0)
+    common = dict(
+        shape=shape,
+        method="qlora",
+        dtype="bf16",
+        precision="bf16",
+        lora_r=64,
+        lora_targets="all-linear",
+        optimizer="paged_adamw_8bit",
+        gpus_per_node=8,
+        micro_batch_size=1,
+        seq_len=4096,
+        gradient_checkpointing=True,
+        offload_optimizer=False,
+        offload_params=False,
+        double_quant=True,
+        on_gpu=True,
+        merge_shard_gb=5.0,
+    )
     one = estimate(MemoryInputs(strategy="ddp", world_size=1, **common))  # type: ignore[arg-type]
     z3 = estimate(MemoryInputs(strategy="zero3", world_size=16, **common))  # type: ignore[arg-type]
-    assert z3["breakdown_gib"]["weights"] == pytest.approx(one["breakdown_gib"]["weights"] / 16, rel=1e-3)
+    assert z3["breakdown_gib"]["weights"] == pytest.approx(
+        one["breakdown_gib"]["weights"] / 16, rel=1e-3
+    )
     # 4-bit: the blocks' linear weights at 0.5 byte + double-quant constants, the rest bf16
     q = shape.quantizable_params()
     expected = q * 0.5 + q / 64 + q / 64 / 256 * 4 + (shape.total_params() - q) * 2
     assert one["weight_bytes"] == int(expected)
     # checkpointing cuts activations
-    no_ckpt = estimate(MemoryInputs(strategy="zero3", world_size=16,
-                                    **{**common, "gradient_checkpointing": False}))  # type: ignore[arg-type]
+    no_ckpt = estimate(
+        MemoryInputs(strategy="zero3", world_size=16, **{**common, "gradient_checkpointing": False})
+    )  # type: ignore[arg-type]
     assert no_ckpt["breakdown_gib"]["activations"] > 5 * z3["breakdown_gib"]["activations"]

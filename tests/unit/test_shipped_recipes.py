@@ -12,8 +12,14 @@ from launcher.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-REQUIRED = ["llama70b_qlora", "llama8b_lora", "llama8b_full_zero3", "mistral7b_qlora",
-            "tinyllama_lora", "quickstart"]
+REQUIRED = [
+    "llama70b_qlora",
+    "llama8b_lora",
+    "llama8b_full_zero3",
+    "mistral7b_qlora",
+    "tinyllama_lora",
+    "quickstart",
+]
 
 
 def test_required_recipes_shipped() -> None:
@@ -70,7 +76,9 @@ def test_recipe_configs_accepted_by_deepspeed_and_accelerate(
     ds = DeepSpeedConfig(str(ds_file), mpu=_MPU())
     assert ds.train_batch_size == plan["global_batch_size"]
     assert ds.gradient_accumulation_steps == plan["gradient_accumulation_steps"]
-    assert ds.zero_optimization_stage == (3 if plan["recipe"]["distributed"]["strategy"] == "zero3" else 2)
+    assert ds.zero_optimization_stage == (
+        3 if plan["recipe"]["distributed"]["strategy"] == "zero3" else 2
+    )
     if ds.zero_optimization_stage == 3:
         assert ds.zero_config.gather_16bit_weights_on_model_save
 
@@ -78,22 +86,45 @@ def test_recipe_configs_accepted_by_deepspeed_and_accelerate(
 def test_70b_plan_json_has_the_documented_keys(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", str(ROOT / "recipes/llama70b_qlora.yaml"), "--nodes", "2", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    for key in ("world_size", "nodes", "gpus_per_node", "micro_batch_size",
-                "gradient_accumulation_steps", "global_batch_size", "deepspeed", "accelerate",
-                "memory", "launch"):
+    for key in (
+        "world_size",
+        "nodes",
+        "gpus_per_node",
+        "micro_batch_size",
+        "gradient_accumulation_steps",
+        "global_batch_size",
+        "deepspeed",
+        "accelerate",
+        "memory",
+        "launch",
+    ):
         assert key in doc
     assert doc["world_size"] == 16
-    assert doc["global_batch_size"] == doc["micro_batch_size"] * doc["gradient_accumulation_steps"] * 16
+    assert (
+        doc["global_batch_size"]
+        == doc["micro_batch_size"] * doc["gradient_accumulation_steps"] * 16
+    )
     assert doc["quant_storage"] == "bf16"  # QLoRA under ZeRO-3: storage = compute dtype
-    assert doc["deepspeed"]["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert (
+        doc["deepspeed"]["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    )
     assert doc["memory"]["per_gpu_gib"] < 80
     assert "{node_rank}" in " ".join(doc["launch"])
 
 
 def test_overrides_and_shortcuts(tmp_path: Path) -> None:
-    plan = _dry_run(ROOT / "recipes/llama8b_lora.yaml", tmp_path / "r", "--set",
-                    "train.learning_rate=1e-4", "--set", "method.r=32", "--nodes", "2",
-                    "--gpus-per-node", "4")
+    plan = _dry_run(
+        ROOT / "recipes/llama8b_lora.yaml",
+        tmp_path / "r",
+        "--set",
+        "train.learning_rate=1e-4",
+        "--set",
+        "method.r=32",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+    )
     assert plan["recipe"]["train"]["learning_rate"] == 1e-4
     assert plan["recipe"]["method"]["r"] == 32
     assert plan["world_size"] == 8

@@ -17,8 +17,12 @@ def test_tiny_causal_lm_loads_and_generates(arch: str, tmp_path: Path) -> None:
     assert main(["tiny", arch, str(tmp_path)]) == 0
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
-    enc = tok.apply_chat_template([{"role": "user", "content": "hello world"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "hello world"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         logits = model(**enc).logits
     assert logits.shape[-1] == model.config.vocab_size
@@ -33,7 +37,9 @@ def test_tiny_distilbert_classifies(tmp_path: Path) -> None:
 
     assert main(["tiny", "distilbert", str(tmp_path)]) == 0
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, local_files_only=True)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, local_files_only=True
+    )
     with torch.no_grad():
         out = model(**tok(["a good movie", "bad"], padding=True, return_tensors="pt"))
     assert out.logits.shape == (2, 2)

@@ -1,0 +1,140 @@
+"""The pipeline: train -> merge -> serve + eval, each stage skippable and re-runnable.
+
+`tune-launch RECIPE` writes the run directory, checks what can be checked before any
+process starts (data rows, free disk), hands the plan to a backend, then merges and
+evaluates as the recipe asks. Each later stage reads only the run directory, so
+`tune-launch merge|serve|eval RUN_DIR` re-runs it on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import Problem, RecipeError
+from launcher.plan import Plan
+from launcher.rundir import ensure_base, write_run_dir
+
+log = logging.getLogger("tune_launch")
+STAGES = ("train", "merge", "serve", "eval")
+
+
+def select_backend(plan: Plan) -> Any:
+    """The recipe's backend; auto = slurm when sbatch exists and more than one node is asked."""
+    choice = plan.recipe.resources.backend
+    if choice == "auto":
+        choice = "slurm" if plan.nodes > 1 and shutil.which("sbatch") else "local"
+    if choice == "local" and plan.nodes > 1:
+        raise RecipeError(
+            [
+                Problem(
+                    "resources.nodes",
+                    "the local backend runs on one node",
+                    "use --backend slurm (or --nodes 1)",
+                    plan.nodes,
+                )
+            ],
+            "usage",
+        )
+    if choice == "slurm":
+        from cluster.slurm import SlurmBackend
+
+        return SlurmBackend()
+    from cluster.local import LocalBackend
+
+    return LocalBackend()
+
+
+def check_disk(plan: Plan) -> None:
+    """Refuse (or warn, by setting) when free disk is short of the checkpoints the plan writes."""
+    if not plan.memory:
+        return
+    keep = plan.recipe.train.keep_last + 1  # the new one is written before the oldest goes
+    need = int(plan.memory["checkpoint_bytes"]) * keep
+    if plan.recipe.method.kind == "full":
+        need += int(plan.memory["weight_bytes"])  # the consolidated final model
+    free = shutil.disk_usage(plan.run_dir).free
+    if free >= need:
+        return
+    message = (
+        f"free disk {free / 1e9:.2f} GB in {plan.run_dir} is short of the "
+        f"{need / 1e9:.2f} GB the plan's checkpoints need (keep_last={plan.recipe.train.keep_last})"
+    )
+    if plan.recipe.train.min_free_disk == "warn":
+        log.warning(message)
+        return
+    raise RecipeError(
+        [
+            Problem(
+                "train.keep_last",
+                message,
+                "free space, use another run_dir, lower train.keep_last, or set train.min_free_disk=warn",
+                plan.recipe.train.keep_last,
+            )
+        ],
+        f"recipe {plan.name}",
+    )
+
+
+def run_pipeline(plan: Plan, *, stages: list[str], wait: bool) -> int:
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise RecipeError(
+            [Problem("--stages", f"unknown stage(s) {unknown}", f"use {','.join(STAGES)}")], "usage"
+        )
+    _setup_logging()
+    recipe = plan.recipe
+    backend = select_backend(plan) if "train" in stages else None
+    Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
+    if backend is not None:
+        from launcher.data import validate_data
+
+        validate_data(recipe)  # bad rows / missing files: exit 2 before any process starts
+        check_disk(plan)
+        write_run_dir(plan)
+        ensure_base(plan)
+        log.info(
+            "training %s (%s, %d process(es)) in %s",
+            plan.name,
+            backend.name,
+            plan.world_size,
+            plan.run_dir,
+        )
+        code = backend.submit(plan, wait=wait)
+        if code != 0:
+            return code
+        if backend.name == "slurm" and not wait:
+            return 0  # queued; later stages run with `tune-launch merge/eval RUN_DIR`
+    run_dir = Path(plan.run_dir)
+    wants_merge = recipe.method.kind != "full" and (recipe.merge.enabled or recipe.serve.enabled)
+    if "merge" in stages and wants_merge and recipe.model.task == "causal_lm":
+        from launcher.merge import merge_run
+
+        merged = merge_run(run_dir)
+        log.info("merged model: %s", merged)
+    if "eval" in stages and recipe.eval.enabled:
+        from serve.eval import eval_run
+
+        results = eval_run(run_dir)
+        log.info("evaluation report: %s", run_dir / "eval" / "report.md")
+        _print_headline(results)
+    elif "serve" in stages and recipe.serve.enabled:
+        log.info("serve it with: tune-launch serve %s", run_dir)
+    return 0
+
+
+def _print_headline(results: dict[str, Any]) -> None:
+    models = results.get("models", {}) if isinstance(results, dict) else {}
+    for name, metrics in models.items():
+        if isinstance(metrics, dict) and "exact_match" in metrics:
+            print(f"  {name:>16}: exact match {metrics['exact_match']:.3f}")
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            stream=sys.stderr, level=logging.INFO, format="[tune-launch] %(message)s"
+        )
