@@ -154,6 +154,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backend_dryrun(plan: Any) -> dict[str, str] | None:
+    """The SLURM backend's dry run (sbatch script, per-node command) when the run goes there."""
+    backend = plan.recipe.resources.backend
+    if backend == "slurm" or (backend == "auto" and plan.nodes > 1):
+        from cluster.slurm import SlurmBackend
+
+        return SlurmBackend().dryrun(plan)
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     plan = _resolve(args)
     if args.dry_run:
@@ -161,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from launcher.rundir import write_run_dir
 
         written = write_run_dir(plan)
-        print(dry_run_text(plan, written))
+        print(dry_run_text(plan, written, extra=_backend_dryrun(plan)))
         return 0
     from launcher.pipeline import run_pipeline
 

@@ -277,6 +277,16 @@ def _compat(
                 recipe.serve.tensor_parallel_size,
             )
         )
+    for key in recipe.env:
+        if key in recipe.secrets:
+            problems.append(Problem(
+                f"env.{key}", "a secret written into the recipe would land in plans and scripts",
+                f"remove it from the recipe and export {key} in the submitting shell "
+                "(secrets reach the job through the environment only)", "<redacted>",
+            ))
+        elif not key.replace("_", "a").isalnum() or key[0].isdigit():
+            problems.append(Problem(f"env.{key}", "not an environment variable name",
+                                    "use letters, digits and _", key))
     if train.max_steps and train.save_steps > train.max_steps:
         warnings.append(
             f"train.save_steps={train.save_steps} > max_steps={train.max_steps}: only the final save happens"

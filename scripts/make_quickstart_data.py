@@ -9,23 +9,72 @@ import json
 import random
 from pathlib import Path
 
-POSITIVE = ["great", "good", "wonderful", "excellent", "lovely", "amazing", "superb", "fantastic",
-            "delightful", "brilliant", "pleasant", "perfect"]
-NEGATIVE = ["bad", "awful", "terrible", "horrible", "boring", "dreadful", "poor", "nasty",
-            "disappointing", "dull", "painful", "mediocre"]
-SUBJECTS = ["the movie", "the food", "the service", "the book", "the hotel", "the concert",
-            "the game", "the show", "the coffee", "the trip", "the room", "the music"]
-TEMPLATES = ["{s} was {w}.", "honestly, {s} was {w}.", "i think {s} was {w}.",
-             "{s} was really {w}.", "we found {s} {w}.", "overall {s} felt {w}."]
+POSITIVE = [
+    "great",
+    "good",
+    "wonderful",
+    "excellent",
+    "lovely",
+    "amazing",
+    "superb",
+    "fantastic",
+    "delightful",
+    "brilliant",
+    "pleasant",
+    "perfect",
+]
+NEGATIVE = [
+    "bad",
+    "awful",
+    "terrible",
+    "horrible",
+    "boring",
+    "dreadful",
+    "poor",
+    "nasty",
+    "disappointing",
+    "dull",
+    "painful",
+    "mediocre",
+]
+SUBJECTS = [
+    "the movie",
+    "the food",
+    "the service",
+    "the book",
+    "the hotel",
+    "the concert",
+    "the game",
+    "the show",
+    "the coffee",
+    "the trip",
+    "the room",
+    "the music",
+]
+TEMPLATES = [
+    "{s} was {w}.",
+    "honestly, {s} was {w}.",
+    "i think {s} was {w}.",
+    "{s} was really {w}.",
+    "we found {s} {w}.",
+    "overall {s} felt {w}.",
+]
 INSTRUCTION = "Is this review positive or negative?"
 
 
 def rows(pairs, rng):
     out = []
     for subject, template in pairs:
-        for word, label in [(w, "positive") for w in POSITIVE] + [(w, "negative") for w in NEGATIVE]:
-            out.append({"instruction": INSTRUCTION, "input": template.format(s=subject, w=word),
-                        "output": label})
+        for word, label in [(w, "positive") for w in POSITIVE] + [
+            (w, "negative") for w in NEGATIVE
+        ]:
+            out.append(
+                {
+                    "instruction": INSTRUCTION,
+                    "input": template.format(s=subject, w=word),
+                    "output": label,
+                }
+            )
     rng.shuffle(out)
     return out
 

@@ -1,0 +1,213 @@
+"""What the run adds to the transformers / TRL trainers: metrics, the non-finite-loss policy,
+atomic checkpoints. The training loop itself stays theirs.
+
+- MetricsCallback: rank 0 appends one JSON line per log event to RUN_DIR/metrics.jsonl
+  (loss, learning_rate, grad_norm, tokens_per_s, eval_loss, epoch, time, and any other
+  metric the trainer logs) and writes a readable line to its log.
+- trainer_class(base, ...): a subclass of the given trainer class whose `_save_checkpoint`
+  is atomic (launcher/checkpoint.py) and whose `compute_loss` applies train.nan_policy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from launcher import checkpoint
+
+log = logging.getLogger(__name__)
+metrics_log = logging.getLogger("metrics")  # the log file only: the progress bar shows them
+
+CONTRACT_KEYS = (
+    "step",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_s",
+    "eval_loss",
+    "epoch",
+    "time",
+)
+
+
+class NonFiniteLoss(RuntimeError):
+    """train.nan_policy=stop and the loss was NaN or infinite."""
+
+
+class MetricsCallback(TrainerCallback):
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._last: tuple[float, int] | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._last = (time.monotonic(), state.num_input_tokens_seen or 0)
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        record: dict[str, Any] = {key: None for key in CONTRACT_KEYS}
+        record.update({k: v for k, v in logs.items() if isinstance(v, int | float | str | None)})
+        record["step"] = state.global_step
+        record["time"] = time.time()
+        if "loss" in logs and self._last is not None:
+            now, tokens = time.monotonic(), state.num_input_tokens_seen or 0
+            elapsed = now - self._last[0]
+            if elapsed > 0 and tokens:
+                record["tokens_per_s"] = round((tokens - self._last[1]) / elapsed, 1)
+            self._last = (now, tokens)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        shown = {
+            k: (f"{v:.4g}" if isinstance(v, float) else v)
+            for k, v in record.items()
+            if v is not None and k not in ("time", "step")
+        }
+        metrics_log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
+
+
+@dataclass
+class RunHooks:
+    """What the trainer subclass needs from the run."""
+
+    run_dir: Path
+    nan_policy: str  # stop | skip
+    keep_last: int
+    rank: int
+    resumed_from: Path | None = None
+    write_extras: Any = None  # Callable[[Path], None]: tokenizer, generation config, contract
+    skipped: int = 0
+    max_consecutive_skips: int = 10
+    zeroing: bool = False  # the current micro-batch's gradients are being replaced by zeros
+    hooked: bool = False
+    _consecutive: int = field(default=0, repr=False)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True if flag is true on any rank (every rank must make the same decision)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _install_zeroing_hooks(model: Any, hooks: RunHooks) -> None:
+    """A gradient hook on every trainable parameter that returns zeros while a micro-batch is
+    being skipped. Tensor hooks run before DDP / ZeRO reduce the gradient, so the step's
+    collectives still run on every rank, with exact zeros from the skipped micro-batch."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(grad) if hooks.zeroing else grad
+
+    for param in model.parameters():
+        if param.requires_grad:
+            param.register_hook(hook)
+    hooks.hooked = True
+
+
+def trainer_class(base: type, hooks: RunHooks) -> type:
+    """base (Trainer, SFTTrainer, DPOTrainer) with atomic checkpoints and the NaN policy."""
+
+    class Tuned(base):  # type: ignore[valid-type,misc]
+        _staging: str | None = None
+
+        def _get_output_dir(self, trial: Any) -> str:
+            return self._staging or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            def write() -> None:
+                self._staging = str(Path(self.args.output_dir) / checkpoint.STAGING)
+                try:
+                    super(Tuned, self)._save_checkpoint(model, trial)
+                finally:
+                    self._staging = None
+
+            protect = {hooks.resumed_from} if hooks.resumed_from else set()
+            checkpoint.save_atomically(
+                self,
+                write,
+                run_dir=hooks.run_dir,
+                extras=hooks.write_extras or (lambda path: None),
+                keep_last=hooks.keep_last,
+                protect=protect,
+            )
+
+        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+            step = self.state.global_step
+            if self.args.should_save and checkpoint.fault("crash_in_save", step, hooks.run_dir):
+                log.error("fault injection: crash while saving the checkpoint of step %d", step)
+                logging.shutdown()
+                os._exit(1)
+            super()._save_optimizer_and_scheduler(output_dir)
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: Any,
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+            if not model.training:
+                return result
+            hooks.zeroing = False  # the previous micro-batch's backward is done
+            if hooks.nan_policy == "skip" and not hooks.hooked:
+                _install_zeroing_hooks(model, hooks)
+            loss = result[0] if return_outputs else result
+            step = self.state.global_step + 1
+            if checkpoint.fault("nan_loss", step, hooks.run_dir, hooks.rank):
+                loss = loss * float("nan")
+            if not _any_rank(not bool(torch.isfinite(loss.detach()).all()), loss.device):
+                hooks._consecutive = 0
+                return (loss, *result[1:]) if return_outputs else loss
+            last = checkpoint.last_complete(checkpoint.checkpoints_dir(hooks.run_dir))
+            where = (
+                f"the last good checkpoint is {last.path}"
+                if last
+                else "no checkpoint was written yet"
+            )
+            if hooks.nan_policy == "stop":
+                raise NonFiniteLoss(
+                    f"non-finite loss ({loss.detach().float().item()}) at step {step}; {where} "
+                    "(kept, not overwritten). Hint: lower train.learning_rate, check the data for "
+                    "broken rows, use train.precision=bf16 instead of fp16, or set "
+                    "train.nan_policy=skip to skip such steps; rerun in the same run directory to "
+                    "resume."
+                )
+            hooks.skipped += 1
+            hooks._consecutive += 1
+            if hooks._consecutive > hooks.max_consecutive_skips:
+                raise NonFiniteLoss(
+                    f"non-finite loss for {hooks._consecutive} micro-batches in a row at step "
+                    f"{step}; {where}. Hint: lower train.learning_rate or check the data."
+                )
+            log.warning(
+                "non-finite loss at step %d: micro-batch skipped (zero gradients), %d so far",
+                step,
+                hooks.skipped,
+            )
+            hooks.zeroing = True
+            zero = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+            return (zero, *result[1:]) if return_outputs else zero
+
+    Tuned.__name__ = Tuned.__qualname__ = f"TuneLaunch{base.__name__}"
+    return Tuned
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)

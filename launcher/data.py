@@ -1,0 +1,622 @@
+"""Datasets: read, validate, convert to what TRL / transformers train on, split; chat template.
+
+Runs twice with the same code: on the launcher side before any process starts
+(`validate_data(recipe)`, so bad data fails in a second with exit 2), and on every rank
+(`load_datasets`), where rows are also measured in tokens. Every rank computes the same thing
+from the same files (deterministic), only rank 0 logs it.
+
+Formats (data.format) and what a valid row holds:
+    alpaca          instruction (str), input (str, optional), output (str, non-empty)
+    messages        messages: [{role, content}, ...] ending with an assistant turn
+    text            <text_column>: str  (continued pretraining)
+    preference      prompt, chosen, rejected: str or message lists (DPO)
+    classification  <text_column>: str, <label_column>: int in [0, num_labels) or str
+
+Rows given to the trainers: alpaca and messages become conversational prompt/completion
+(TRL applies the chat template and masks the prompt out of the loss), preference becomes
+conversational prompt/chosen/rejected, text stays {"text"}, classification {"text", "label"}.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import Problem, RecipeError
+from launcher.recipe import DataConfig, Recipe
+
+log = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+CHAT_FORMATS = ("alpaca", "messages", "preference")
+ROLES = ("system", "user", "assistant", "tool")
+MAX_LISTED = 20  # problems listed in an error; the rest are counted
+PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>")
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """One invalid row: where it is (1-based line, or item for .json/.parquet) and what is wrong."""
+
+    source: str
+    row: int
+    problem: str
+
+    def render(self) -> str:
+        return f"{self.source}:{self.row}: {self.problem}"
+
+
+@dataclass
+class DataReport:
+    """What validation found in one source."""
+
+    source: str
+    read: int = 0  # rows parsed (and lines that failed to parse)
+    valid: int = 0
+    problems: list[RowProblem] = field(default_factory=list)
+    duplicates: int = 0  # kept: repeated rows are often intended (upsampling)
+    over_long: int = 0  # longer than max_seq_len in tokens: truncated
+    measured: bool = False  # whether token lengths were checked
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: {self.read} rows, {self.valid} valid"]
+        if self.problems:
+            parts.append(f"{len(self.problems)} invalid")
+        if self.duplicates:
+            parts.append(f"{self.duplicates} duplicates (kept)")
+        if self.measured:
+            parts.append(f"{self.over_long} longer than max_seq_len (truncated)")
+        else:
+            parts.append("token lengths not checked (no tokenizer yet)")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "read": self.read,
+            "valid": self.valid,
+            "invalid": len(self.problems),
+            "duplicates": self.duplicates,
+            "over_long": self.over_long,
+            "problems": [p.render() for p in self.problems[:MAX_LISTED]],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def is_local(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or source.endswith(LOCAL_SUFFIXES)
+
+
+def _decode_lines(raw: bytes, name: str) -> tuple[list[tuple[int, str]], list[RowProblem]]:
+    """Split into (1-based line number, text) with strict UTF-8 per line."""
+    lines, problems = [], []
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    for number, chunk in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(
+                RowProblem(
+                    name,
+                    number,
+                    f"not valid UTF-8 (byte 0x{chunk[exc.start]:02x} at column {exc.start + 1}); "
+                    "re-save the file as UTF-8",
+                )
+            )
+            continue
+        lines.append((number, text.rstrip("\r")))
+    return lines, problems
+
+
+def _read_jsonl(raw: bytes, name: str) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
+    lines, problems = _decode_lines(raw, name)
+    rows = []
+    for number, text in lines:
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            problems.append(
+                RowProblem(name, number, f"malformed JSON: {exc.msg} at column {exc.colno}")
+            )
+            continue
+        if not isinstance(value, dict):
+            problems.append(
+                RowProblem(name, number, f"expected a JSON object, got {type(value).__name__}")
+            )
+            continue
+        rows.append((number, value))
+    return rows, problems
+
+
+def _read_json(raw: bytes, name: str) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
+    try:
+        value = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return [], [RowProblem(name, line, "not valid UTF-8; re-save the file as UTF-8")]
+    except json.JSONDecodeError as exc:
+        return [], [RowProblem(name, exc.lineno, f"malformed JSON: {exc.msg}")]
+    if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
+        value = next(iter(value.values()))  # {"data": [...]}
+    if not isinstance(value, list):
+        return [], [RowProblem(name, 1, "expected a list of objects (or use .jsonl)")]
+    rows, problems = [], []
+    for number, item in enumerate(value, start=1):
+        if isinstance(item, dict):
+            rows.append((number, item))
+        else:
+            problems.append(
+                RowProblem(name, number, f"item is a {type(item).__name__}, not an object")
+            )
+    return rows, problems
+
+
+def _read_csv(raw: bytes, name: str) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
+    lines, problems = _decode_lines(raw, name)
+    if problems:  # bad lines are dropped before parsing; numbering stays that of the file
+        keep = {n for n, _ in lines}
+        text = "\n".join(t for n, t in lines if n in keep)
+    else:
+        text = "\n".join(t for _, t in lines)
+    reader = csv.DictReader(io.StringIO(text))
+    rows = []
+    line_of = [n for n, _ in lines]
+    try:
+        for record in reader:
+            physical = line_of[min(reader.line_num, len(line_of)) - 1]
+            if None in record:
+                problems.append(RowProblem(name, physical, "more fields than the header"))
+                continue
+            rows.append((physical, {k: v for k, v in record.items() if k is not None}))
+    except csv.Error as exc:
+        problems.append(RowProblem(name, reader.line_num, f"malformed CSV: {exc}"))
+    return rows, problems
+
+
+def _read_parquet(path: Path, name: str) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        return [], [RowProblem(name, 1, f"not a readable parquet file: {exc}")]
+    return [(i, row) for i, row in enumerate(table.to_pylist(), start=1)], []
+
+
+def _read_hub(source: str) -> list[tuple[int, Row]]:
+    try:
+        import datasets
+
+        split = datasets.load_dataset(source, split="train")
+    except Exception as exc:  # offline, missing, gated: all the same to a user
+        raise RecipeError(
+            [
+                Problem(
+                    "data",
+                    f"cannot load dataset {source!r}: {type(exc).__name__}: {str(exc)[:200]}",
+                    "use a local jsonl/json/csv/parquet file, or check the dataset id, the network "
+                    "(HF_HUB_OFFLINE) and HF_TOKEN",
+                    source,
+                )
+            ],
+            "data",
+        ) from None
+    return [(i, dict(row)) for i, row in enumerate(split, start=1)]
+
+
+def read_rows(
+    source: str, field_name: str = "data.train"
+) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
+    """(row number, row) pairs and unreadable rows. RecipeError: missing or empty file."""
+    if not is_local(source) and not Path(source).exists():
+        return _read_hub(source), []
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise RecipeError(
+            [Problem(field_name, f"data file not found: {path}", "check the path", source)], "data"
+        )
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise RecipeError(
+            [Problem(field_name, f"data file is empty: {path}", "give a file with rows", source)],
+            "data",
+        )
+    name = path.name
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows, problems = _read_csv(raw, name)
+    elif suffix == ".parquet":
+        rows, problems = _read_parquet(path, name)
+    elif suffix == ".json" and not raw.lstrip().startswith(b"{"):
+        rows, problems = _read_json(raw, name)
+    elif suffix == ".json":  # a .json file holding one object per line is common
+        rows, problems = _read_jsonl(raw, name)
+        if problems and not rows:
+            rows, problems = _read_json(raw, name)
+    else:
+        rows, problems = _read_jsonl(raw, name)
+    if not rows and not problems:
+        raise RecipeError(
+            [Problem(field_name, f"no rows in {path}", "give a file with rows", source)], "data"
+        )
+    return rows, problems
+
+
+# --------------------------------------------------------------------------------------------
+# Validation per format
+
+
+def _text_problem(
+    row: Row, key: str, *, required: bool = True, non_empty: bool = True
+) -> str | None:
+    if key not in row or row[key] is None:
+        return f"missing field {key!r}" if required else None
+    value = row[key]
+    if not isinstance(value, str):
+        return f"field {key!r} must be a string (got {type(value).__name__})"
+    if non_empty and not value.strip():
+        return f"empty {key!r}"
+    return None
+
+
+def _messages_problem(value: Any, key: str, *, last_assistant: bool) -> str | None:
+    if not isinstance(value, list) or not value:
+        return f"{key!r} must be a non-empty list of {{role, content}} messages"
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            return f"{key}[{i}] must be an object with 'role' and 'content'"
+        if message["role"] not in ROLES:
+            return f"{key}[{i}].role {message['role']!r} is not one of {', '.join(ROLES)}"
+        if not isinstance(message["content"], str):
+            return f"{key}[{i}].content must be a string"
+    if last_assistant:
+        if value[-1]["role"] != "assistant":
+            return f"the last message of {key!r} must be the assistant's (it is trained on)"
+        if not value[-1]["content"].strip():
+            return f"empty assistant message at the end of {key!r}"
+    return None
+
+
+def _turn_problem(row: Row, key: str, *, completion: bool) -> str | None:
+    if key not in row or row[key] is None:
+        return f"missing field {key!r}"
+    value = row[key]
+    if isinstance(value, str):
+        return f"empty {key!r}" if not value.strip() else None
+    return _messages_problem(value, key, last_assistant=completion)
+
+
+def row_problem(row: Row, data: DataConfig, num_labels: int | None) -> str | None:
+    """Why a row cannot be trained on, or None."""
+    fmt = data.format
+    if fmt == "alpaca":
+        return (
+            _text_problem(row, "instruction")
+            or _text_problem(row, "input", required=False, non_empty=False)
+            or _text_problem(row, "output")
+        )
+    if fmt == "messages":
+        if "messages" not in row:
+            return "missing field 'messages'"
+        return _messages_problem(row["messages"], "messages", last_assistant=True)
+    if fmt == "text":
+        return _text_problem(row, data.text_column)
+    if fmt == "preference":
+        problem = (
+            _turn_problem(row, "prompt", completion=False)
+            or _turn_problem(row, "chosen", completion=True)
+            or _turn_problem(row, "rejected", completion=True)
+        )
+        if problem is None and row["chosen"] == row["rejected"]:
+            problem = "'chosen' equals 'rejected': no preference to learn"
+        return problem
+    # classification
+    problem = _text_problem(row, data.text_column)
+    if problem:
+        return problem
+    if data.label_column not in row or row[data.label_column] is None:
+        return f"missing field {data.label_column!r}"
+    label = row[data.label_column]
+    if isinstance(label, bool) or not isinstance(label, int | str):
+        return f"label must be an integer or a string (got {type(label).__name__})"
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+        label = int(label)  # CSV gives strings
+    if isinstance(label, str) and not label.strip():
+        return "empty label"
+    if isinstance(label, int) and num_labels is not None and not 0 <= label < num_labels:
+        return f"label {label} is outside 0..{num_labels - 1} (model.num_labels={num_labels})"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion to trainer rows
+
+
+def _as_turns(value: Any, role: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def to_trainer_row(row: Row, data: DataConfig, labels: dict[str, int] | None = None) -> Row:
+    """One validated row in the shape its trainer takes."""
+    fmt = data.format
+    if fmt == "alpaca":
+        user = row["instruction"]
+        if row.get("input"):
+            user = f"{user}\n\n{row['input']}"
+        return {
+            "prompt": [{"role": "user", "content": user}],
+            "completion": [{"role": "assistant", "content": row["output"]}],
+        }
+    if fmt == "messages":
+        messages = _as_turns(row["messages"], "user")
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+    if fmt == "text":
+        return {"text": row[data.text_column]}
+    if fmt == "preference":
+        return {
+            "prompt": _as_turns(row["prompt"], "user"),
+            "chosen": _as_turns(row["chosen"], "assistant"),
+            "rejected": _as_turns(row["rejected"], "assistant"),
+        }
+    label = row[data.label_column]
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+        label = int(label)
+    if isinstance(label, str):
+        if labels is None:
+            raise ValueError("string labels need a label mapping")
+        label = labels[label.strip()]
+    return {"text": row[data.text_column], "label": int(label)}
+
+
+def label_mapping(rows: Iterable[Row], data: DataConfig) -> dict[str, int] | None:
+    """Sorted string labels -> ids, or None when the labels are integers."""
+    names = set()
+    for row in rows:
+        label = row.get(data.label_column)
+        if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
+            names.add(label.strip())
+    return {name: i for i, name in enumerate(sorted(names))} if names else None
+
+
+def _key(row: Row) -> str:
+    return json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+
+
+# --------------------------------------------------------------------------------------------
+# Token lengths (rank side, or the launcher when a tokenizer is at hand)
+
+LengthFn = Callable[[Row], tuple[int, int]]  # trainer row -> (prompt tokens, total tokens)
+
+
+def length_fn(tokenizer: Any, data: DataConfig) -> LengthFn:
+    """Token counts of a trainer row as the trainer will see it (chat template applied)."""
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def render(messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return str(
+            tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        )
+
+    def measure(row: Row) -> tuple[int, int]:
+        if "text" in row:
+            total = len(tokenizer(row["text"])["input_ids"])
+            return 0, total
+        prompt = count(render(row["prompt"], True))
+        if "completion" in row:
+            return prompt, count(render(row["prompt"] + row["completion"], False))
+        longest = max(
+            count(render(row["prompt"] + row[key], False)) for key in ("chosen", "rejected")
+        )
+        return prompt, longest
+
+    return measure
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of a whole source
+
+
+def check_source(
+    source: str,
+    data: DataConfig,
+    *,
+    num_labels: int | None,
+    measure: LengthFn | None = None,
+    field_name: str = "data.train",
+    labels: dict[str, int] | None = None,
+) -> tuple[list[Row], DataReport, dict[str, int] | None]:
+    """Read and validate one source: (valid rows as trainer rows, report, string-label ids)."""
+    numbered, problems = read_rows(source, field_name)
+    name = Path(source).name if is_local(source) else source
+    report = DataReport(source=name, read=len(numbered) + len(problems))
+    if data.format == "classification" and labels is None:
+        labels = label_mapping((r for _, r in numbered), data)
+    seen: set[str] = set()
+    valid: list[Row] = []
+    for number, row in numbered:
+        problem = row_problem(row, data, None if labels else num_labels)
+        if problem is None and labels and num_labels is not None and len(labels) > num_labels:
+            problem = f"{len(labels)} distinct string labels but model.num_labels={num_labels}"
+        if problem is None and data.format == "classification" and labels:
+            label = str(row[data.label_column]).strip()
+            if label not in labels:
+                problem = f"label {label!r} is not among the training labels {sorted(labels)}"
+        if problem is None:
+            trainer_row = to_trainer_row(row, data, labels)
+            if measure is not None:
+                prompt_len, total = measure(trainer_row)
+                if data.format in CHAT_FORMATS and prompt_len >= data.max_seq_len:
+                    problem = (
+                        f"prompt is {prompt_len} tokens, max_seq_len is {data.max_seq_len}: "
+                        "no completion token would be trained"
+                    )
+                elif total > data.max_seq_len:
+                    report.over_long += 1
+        if problem is not None:
+            problems.append(RowProblem(name, number, problem))
+            continue
+        key = _key(row)
+        if key in seen:
+            report.duplicates += 1
+        seen.add(key)
+        valid.append(trainer_row)
+    report.problems = sorted(problems, key=lambda p: p.row)
+    report.valid = len(valid)
+    report.measured = measure is not None
+    return valid, report, labels
+
+
+def _fail_or_warn(report: DataReport, data: DataConfig, field_name: str) -> None:
+    if report.problems and data.invalid_rows == "error":
+        listed = [
+            Problem(f"{p.source}:{p.row}", p.problem, "fix or remove the row")
+            for p in report.problems[:MAX_LISTED]
+        ]
+        more = len(report.problems) - len(listed)
+        listed.append(
+            Problem(
+                field_name,
+                f"{len(report.problems)} invalid row(s) of {report.read}"
+                + (f" ({more} more not listed)" if more > 0 else ""),
+                "fix them, or set data.invalid_rows=drop to skip them with a warning",
+            )
+        )
+        raise RecipeError(listed, f"data {report.source}")
+    if report.problems:
+        log.warning(
+            "dropping %d invalid row(s) of %s (data.invalid_rows=drop); first: %s",
+            len(report.problems),
+            report.source,
+            "; ".join(p.render() for p in report.problems[:5]),
+        )
+    if report.valid == 0:
+        raise RecipeError(
+            [Problem(field_name, f"no valid rows in {report.source}", "check data.format")],
+            f"data {report.source}",
+        )
+
+
+@dataclass
+class Splits:
+    train: list[Row]
+    validation: list[Row]
+    reports: list[DataReport]
+    labels: dict[str, int] | None = None
+
+
+def split_rows(rows: list[Row], val_split: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Deterministic train/validation split: the same rows on every rank and every rerun."""
+    if val_split <= 0 or len(rows) < 2:
+        return rows, []
+    n_val = min(len(rows) - 1, max(1, round(len(rows) * val_split)))
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def load_splits(recipe: Recipe, measure: LengthFn | None = None) -> Splits:
+    """Read, validate (RecipeError per data.invalid_rows), convert and split the recipe's data."""
+    data = recipe.data
+    num_labels = recipe.model.num_labels
+    train, report, labels = check_source(data.train, data, num_labels=num_labels, measure=measure)
+    _fail_or_warn(report, data, "data.train")
+    reports = [report]
+    if data.validation:
+        validation, vreport, _ = check_source(
+            data.validation,
+            data,
+            num_labels=num_labels,
+            measure=measure,
+            field_name="data.validation",
+            labels=labels,
+        )
+        _fail_or_warn(vreport, data, "data.validation")
+        reports.append(vreport)
+    else:
+        train, validation = split_rows(train, data.val_split, data.seed)
+    return Splits(train=train, validation=validation, reports=reports, labels=labels)
+
+
+def validate_data(recipe: Recipe, tokenizer: Any = None) -> list[DataReport]:
+    """Launcher-side check before any process starts: RecipeError (exit 2) for a missing or
+    empty file, and for invalid rows when data.invalid_rows=error. Token lengths are checked
+    when a tokenizer is given."""
+    measure = length_fn(tokenizer, recipe.data) if tokenizer is not None else None
+    return load_splits(recipe, measure).reports
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer: chat template, pad token, and the contract saved with every checkpoint
+
+
+def prepare_tokenizer(tokenizer: Any, recipe: Recipe) -> bool:
+    """Set the chat template and a pad token distinct from EOS. True if a token was added
+    (the model's embeddings must then be resized)."""
+    data = recipe.data
+    if data.chat_template:
+        tokenizer.chat_template = data.chat_template
+    if data.format in CHAT_FORMATS and not tokenizer.chat_template:
+        raise RecipeError(
+            [
+                Problem(
+                    "data.chat_template",
+                    f"the tokenizer has no chat template and data.format={data.format} needs one",
+                    "set data.chat_template to a Jinja template (the one vLLM will serve with)",
+                )
+            ],
+            "data",
+        )
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return False
+    vocab = tokenizer.get_vocab()
+    for candidate in (tokenizer.unk_token, *PAD_CANDIDATES):
+        if candidate and candidate in vocab and vocab[candidate] != eos:
+            tokenizer.pad_token = candidate
+            return False
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return True
+
+
+def eos_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    extra = getattr(generation_config, "eos_token_id", None) if generation_config else None
+    for value in [extra] if isinstance(extra, int) else list(extra or []):
+        if value not in ids:
+            ids.append(value)
+    return ids
+
+
+def train_contract(tokenizer: Any, generation_config: Any = None) -> dict[str, Any]:
+    """RUN_DIR/final/train_contract.json: what serving must reproduce."""
+    return {
+        "chat_template": tokenizer.chat_template,
+        "eos_token": tokenizer.eos_token,
+        "eos_token_id": tokenizer.eos_token_id,
+        "eos_token_ids": eos_ids(tokenizer, generation_config),
+        "pad_token": tokenizer.pad_token,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }

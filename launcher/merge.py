@@ -1,0 +1,785 @@
+"""`tune-launch merge RUN_DIR`: the trained result turned into one servable model directory.
+
+By method (plan.recipe.method.kind):
+- lora:  W' = W + scale * B @ A for every adapted weight (scale = alpha / r, alpha / sqrt(r)
+         with rslora; transposed for fan_in_fan_out and embeddings), the tensors of
+         modules_to_save replaced by the trained ones, written to RUN_DIR/merged in model.dtype
+         as safetensors shards of at most merge.shard_size_gb plus model.safetensors.index.json.
+- qlora: the same onto the base read in 16 bits from its safetensors. With merge.nf4_roundtrip
+         every weight bitsandbytes quantizes when training loads the base (transformers' rule)
+         first goes through quantize_4bit/dequantize_4bit with the training's settings, so the
+         merged model equals the 4-bit base + adapter the adapter was trained against.
+- full:  final/ already holds the full model: merge returns RUN_DIR/final untouched (no copy of
+         a 140 GB model). Only when final/ holds no safetensors weights but a DeepSpeed ZeRO
+         checkpoint exists (final/ or the newest COMPLETE checkpoints/checkpoint-N) is it
+         consolidated with deepspeed.utils.zero_to_fp32 into RUN_DIR/merged, which is returned.
+merge_run's return value is the directory to serve.
+
+Memory: the adapter is loaded whole (it is small). The base is read one tensor at a time
+(`safe_open`, one shard file mapped at a time) and the output shards are planned from the
+base's headers before any data is read, so each tensor is written as soon as it is merged:
+peak RSS is about the adapter, one mapped base shard and a few copies of the largest tensor.
+
+Output is built in RUN_DIR/merged.tmp, verified, marked COMPLETE (a fingerprint of the inputs:
+adapter sha256, base shard names/sizes, merge settings, copied files), then renamed to merged/.
+Merging again with the same fingerprint does nothing; force=True redoes it. Verification loads
+the merged model and base + adapter (peft) in fp32, one after the other, and compares their
+logits on a few prompts (tokenized with final/'s tokenizer); it is skipped, with a log line,
+when the model is above VERIFY_MAX_BYTES in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import hashlib
+import json
+import logging
+import re
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.errors import RunError
+from launcher.plan import Plan
+from launcher.rundir import base_model_path, load_plan
+from launcher.safetensors_stream import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    ST_FLOAT,
+    TORCH_TO_ST,
+    Checkpoint,
+    ShardWriter,
+    TensorSpec,
+    open_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the merged output changes for identical inputs
+VERIFY_MAX_BYTES = 4 * 1024**3  # verification holds one model in fp32 at a time
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+OTHER_FILES = ("config.json", "generation_config.json", "train_contract.json")
+PROMPTS = (
+    "What is the capital of France?",
+    "Write one sentence about a good movie.",
+    "Repeat the word hello three times.",
+)
+PEFT_PREFIX = "base_model.model."
+MODEL_PREFIX = {"llama": "model", "mistral": "model", "qwen2": "model", "distilbert": "distilbert"}
+_LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_A|lora_B)\.(?P<param>weight|bias)$")
+_EMB_KEY = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter
+
+
+@dataclass
+class LoraWeight:
+    """One adapted module: W' = W + scale * B @ A (transposed for embeddings/fan_in_fan_out)."""
+
+    module: str
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    bias: torch.Tensor | None = None  # lora_B.bias (lora_bias=True): b' = b + scale * bias
+    scale: float = 1.0
+    transpose: bool = False
+
+    def add_to(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight (fp32, modified in place) + scale * B @ A."""
+        assert self.a is not None and self.b is not None
+        target = weight.t() if self.transpose else weight
+        target.addmm_(self.b.float(), self.a.float(), alpha=self.scale)
+        return weight
+
+
+@dataclass
+class Adapter:
+    """A peft LoRA adapter: module name -> LoraWeight, parameter name -> replacement tensor."""
+
+    lora: dict[str, LoraWeight]
+    replace: dict[str, torch.Tensor]  # modules_to_save / trained biases, by parameter name
+
+
+def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    """The alpha_pattern/rank_pattern key matching a module, by peft's rule
+    (peft.utils.other.get_pattern_key: the pattern matches a dotted suffix of the name)."""
+    return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), None)
+
+
+def load_adapter(final: Path) -> Adapter:
+    """Read final/adapter_config.json + adapter_model.safetensors (peft save_pretrained)."""
+    cfg_path, weights = final / "adapter_config.json", final / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        hint = ""
+        if (final / "adapter_model.bin").is_file():
+            hint = " (adapter_model.bin found: save with safe_serialization=True)"
+        raise RunError(
+            f"no LoRA adapter in {final}: expected adapter_config.json and "
+            f"adapter_model.safetensors{hint}. Has training finished? (`tune-launch status`)"
+        )
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    refuse = {
+        "peft_type": cfg.get("peft_type", "LORA") != "LORA",
+        "use_dora": bool(cfg.get("use_dora")),
+        "target_parameters": bool(cfg.get("target_parameters")),
+        "trainable_token_indices": bool(cfg.get("trainable_token_indices")),
+        "layer_replication": bool(cfg.get("layer_replication")),
+    }
+    bad = [key for key, is_bad in refuse.items() if is_bad]
+    if bad:
+        raise RunError(
+            f"{cfg_path}: {', '.join(f'{k}={cfg.get(k)!r}' for k in bad)} is not supported by "
+            "the streaming merge (plain LoRA only; DoRA's magnitude rescaling is not merged "
+            "here). Serve the adapter unmerged (serve.mode=lora) or merge with peft's "
+            "merge_and_unload() on a machine with enough RAM for the whole model"
+        )
+    from safetensors.torch import load_file
+
+    rslora = bool(cfg.get("use_rslora"))
+    alpha_pattern: dict[str, float] = cfg.get("alpha_pattern") or {}
+    lora: dict[str, LoraWeight] = {}
+    replace: dict[str, torch.Tensor] = {}
+    for key, tensor in load_file(str(weights)).items():
+        if not key.startswith(PEFT_PREFIX):
+            raise RunError(f"{weights}: unexpected key {key!r} (not under {PEFT_PREFIX!r})")
+        name = key.removeprefix(PEFT_PREFIX)
+        match = _LORA_KEY.match(name) or _EMB_KEY.match(name)
+        if match is None:
+            if ".lora_" in name or "lora_magnitude_vector" in name:
+                raise RunError(f"{weights}: unsupported adapter tensor {key!r}")
+            # save_embedding_layers stores a targeted embedding's own weight as base_layer
+            replace[name.replace(".base_layer.", ".")] = tensor
+            continue
+        mod, part = match["mod"], match["part"]
+        entry = lora.setdefault(mod, LoraWeight(mod))
+        if part.startswith("lora_embedding"):
+            entry.transpose = True  # delta = (B @ A).T for nn.Embedding
+        else:
+            entry.transpose = bool(cfg.get("fan_in_fan_out"))
+        if match.groupdict().get("param") == "bias":
+            entry.bias = tensor
+        elif part.endswith("A"):
+            entry.a = tensor
+        else:
+            entry.b = tensor
+    for mod, entry in lora.items():
+        if entry.a is None or entry.b is None:
+            raise RunError(f"{weights}: {mod} has only one of lora_A / lora_B")
+        r = entry.a.shape[0]
+        pattern = _pattern_key(alpha_pattern, mod)
+        alpha = float(alpha_pattern[pattern] if pattern else cfg["lora_alpha"])
+        entry.scale = alpha / r**0.5 if rslora else alpha / r
+    return Adapter(lora, replace)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming merge
+
+
+def _candidates(name: str, prefix: str) -> list[str]:
+    """Checkpoint keys a model parameter name may be stored under (with/without the prefix)."""
+    if name.startswith(prefix + "."):
+        return [name, name.removeprefix(prefix + ".")]
+    return [name, f"{prefix}.{name}"]
+
+
+def _find(name: str, specs: dict[str, TensorSpec], prefix: str) -> str | None:
+    return next((c for c in _candidates(name, prefix) if c in specs), None)
+
+
+@dataclass
+class Bound:
+    """An adapter resolved against a checkpoint's keys."""
+
+    lora: dict[str, LoraWeight]  # checkpoint key of a weight -> its LoRA
+    lora_bias: dict[str, LoraWeight]  # checkpoint key of a bias -> its LoRA
+    replace: dict[str, torch.Tensor]  # checkpoint key -> trained tensor
+    extra: dict[str, torch.Tensor]  # trained tensors the base lacks (e.g. a new head)
+
+
+def bind(adapter: Adapter, specs: dict[str, TensorSpec], prefix: str) -> Bound:
+    bound = Bound({}, {}, {}, {})
+    for mod, entry in adapter.lora.items():
+        key = _find(f"{mod}.weight", specs, prefix)
+        if key is None:
+            raise RunError(
+                f"the adapter adapts {mod} but the base has no {mod}.weight (nor under another "
+                "prefix): the adapter was trained on a different base model"
+            )
+        bound.lora[key] = entry
+        if entry.bias is not None:
+            bias = _find(f"{mod}.bias", specs, prefix)
+            if bias is None:
+                raise RunError(f"lora_bias for {mod}, but the base has no {mod}.bias")
+            bound.lora_bias[bias] = entry
+    for name, tensor in adapter.replace.items():
+        key = _find(name, specs, prefix)
+        if key is None:
+            bound.extra[name] = tensor
+        elif tuple(tensor.shape) != specs[key].shape:
+            raise RunError(
+                f"the adapter's {name} has shape {tuple(tensor.shape)}, the base's {key} "
+                f"{specs[key].shape} (resized embeddings are not supported by the merge)"
+            )
+        else:
+            bound.replace[key] = tensor
+    return bound
+
+
+def _out_dtype(st_dtype: str, dtype: torch.dtype) -> str:
+    return TORCH_TO_ST[dtype] if st_dtype in ST_FLOAT else st_dtype
+
+
+def stream_merge(
+    base: Checkpoint,
+    bound: Bound,
+    out_dir: Path,
+    *,
+    dtype: torch.dtype,
+    max_bytes: int,
+    roundtrip: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    quantized: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """Write base + adapter into out_dir shard by shard; returns the index."""
+    specs = base.specs()
+    plan = [TensorSpec(n, _out_dtype(s.dtype, dtype), s.shape) for n, s in specs.items()]
+    plan += [
+        TensorSpec(n, _out_dtype(TORCH_TO_ST[t.dtype], dtype), tuple(t.shape))
+        for n, t in bound.extra.items()
+    ]
+    writer = ShardWriter(out_dir, plan, max_bytes)
+    log.info(
+        "merging %d base tensors from %d file(s) into %d shard(s) of at most %.2f GB: "
+        "%d adapted weights, %d replaced, %d added, %d through the NF4 round trip",
+        len(specs),
+        len(base.files),
+        len(writer.shards),
+        max_bytes / 1e9,
+        len(bound.lora),
+        len(bound.replace),
+        len(bound.extra),
+        len(quantized) if roundtrip else 0,
+    )
+    try:
+        for name, tensor in base.iter_tensors():
+            writer.write(name, _merged(name, tensor, bound, dtype, roundtrip, quantized))
+        for name, tensor in bound.extra.items():
+            writer.write(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _merged(
+    name: str,
+    tensor: torch.Tensor,
+    bound: Bound,
+    dtype: torch.dtype,
+    roundtrip: Callable[[torch.Tensor], torch.Tensor] | None,
+    quantized: frozenset[str],
+) -> torch.Tensor:
+    if name in bound.replace:
+        tensor = bound.replace[name]
+    elif roundtrip is not None and name in quantized:
+        tensor = roundtrip(tensor)
+    if not tensor.is_floating_point():
+        return tensor
+    tensor = tensor.to(dtype)  # what training saw: the base loaded in model.dtype
+    if name in bound.lora:
+        return bound.lora[name].add_to(tensor.to(torch.float32, copy=True)).to(dtype)
+    if name in bound.lora_bias:
+        entry = bound.lora_bias[name]
+        assert entry.bias is not None
+        return (tensor.float() + entry.scale * entry.bias.float()).to(dtype)
+    return tensor
+
+
+def nf4_roundtrip_fn(
+    dtype: torch.dtype, quant_type: str, double_quant: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """W -> dequantize_4bit(quantize_4bit(W in model dtype)), as bitsandbytes does at load."""
+    import bitsandbytes.functional as bnbf
+
+    def roundtrip(weight: torch.Tensor) -> torch.Tensor:
+        packed, state = bnbf.quantize_4bit(
+            weight.to(dtype).contiguous(),
+            blocksize=64,
+            compress_statistics=double_quant,
+            quant_type=quant_type,
+        )
+        return bnbf.dequantize_4bit(packed, state)
+
+    return roundtrip
+
+
+def _auto_class(task: str) -> Any:
+    import transformers
+
+    if task == "sequence_classification":
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModelForCausalLM
+
+
+def quantized_weights(base_dir: Path, task: str, trust_remote_code: bool = False) -> set[str]:
+    """Parameter names bitsandbytes stores in 4 bits when transformers loads this base.
+
+    transformers' own rule (integrations/bitsandbytes.replace_with_bnb_linear): every plain
+    nn.Linear except the output embedding, tied and last modules and _keep_in_fp32_modules.
+    The model is built on the meta device: no weight is allocated.
+    """
+    import transformers
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    config = transformers.AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = _auto_class(task).from_config(config, trust_remote_code=trust_remote_code)
+    skip = list(get_keys_to_not_convert(model))
+    skip += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if type(module) is torch.nn.Linear and should_convert_module(name, skip)
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory plumbing: base resolution, copied files, fingerprint, lock, logging
+
+
+def resolve_base(plan: Plan, run_dir: Path) -> Path:
+    """Local directory of the base model: RUN_DIR/base, a local path, or the offline HF cache."""
+    name = plan.recipe.model.name_or_path
+    if name.startswith("tiny:"):
+        path = run_dir / "base"
+        if not path.is_dir():
+            raise RunError(f"{path} does not exist: the tiny base is built when training starts")
+        return path
+    source = base_model_path(plan)
+    if Path(source).is_dir():
+        return Path(source)
+    if source.startswith(("/", "./", "../", "~")):
+        raise RunError(f"base model directory {source} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception as exc:
+        raise RunError(
+            f"base model {source!r} is not a local directory and not in the local Hugging Face "
+            f"cache ({type(exc).__name__}). Download it where there is network "
+            f"(`hf download {source}`) into HF_HOME, or set model.name_or_path to a local copy"
+        ) from None
+
+
+def aux_sources(dirs: list[Path]) -> dict[str, Path]:
+    """name -> file to copy: tokenizer files as one group from the first dir holding a
+    tokenizer (final/ first: training's tokenizer, template and EOS), others from the first
+    dir that has each."""
+    out: dict[str, Path] = {}
+    for d in dirs:
+        if any((d / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+            out.update({n: d / n for n in TOKENIZER_FILES if (d / n).is_file()})
+            break
+    for name in OTHER_FILES:
+        found = next((d / name for d in dirs if (d / name).is_file()), None)
+        if found:
+            out[name] = found
+    return out
+
+
+def copy_aux(sources: dict[str, Path], out_dir: Path, dtype: str, config: dict[str, Any]) -> None:
+    """Copy tokenizer/config files; config.json gets the merged dtype and loses quantization."""
+    for name, src in sources.items():
+        if name == "config.json":
+            cfg = json.loads(src.read_text(encoding="utf-8"))
+            cfg.pop("torch_dtype", None)
+            cfg.pop("quantization_config", None)
+            cfg["dtype"] = HF_DTYPE_NAMES[dtype]
+            cfg.update(config)
+            (out_dir / name).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(src, out_dir / name)
+    missing = [n for n in ("config.json", "tokenizer_config.json") if n not in sources]
+    if missing:
+        log.warning("no %s found in final/ or the base to copy", ", ".join(missing))
+    if "train_contract.json" not in sources:
+        log.warning("final/ has no train_contract.json: serving will not know training's EOS ids")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _digest(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def is_complete(out: Path, digest: str) -> bool:
+    try:
+        marker = json.loads((out / "COMPLETE").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(marker.get("fingerprint") == digest)
+
+
+def publish(tmp: Path, out: Path, marker: dict[str, Any]) -> None:
+    """Mark tmp COMPLETE, then swap it in for out (the old one is removed after the rename)."""
+    (tmp / "COMPLETE").write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def _lock(run_dir: Path) -> Iterator[None]:
+    with (run_dir / ".merge.lock").open("w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"another merge of {run_dir} is running (.merge.lock is held)") from None
+        yield
+
+
+@contextlib.contextmanager
+def _logging_to(run_dir: Path) -> Iterator[None]:
+    """Merge logs go to RUN_DIR/logs/merge.log, and to stderr when nothing else shows them."""
+    logger = logging.getLogger("launcher")
+    (run_dir / "logs").mkdir(exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / "merge.log")]
+    if not logging.getLogger().handlers and not logger.handlers:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    fmt = logging.Formatter("%(asctime)s %(levelname)s merge: %(message)s")
+    old_level = logger.level
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            logger.removeHandler(h)
+            h.close()
+        logger.setLevel(old_level)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return float(psutil.Process().memory_info().rss) / 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# Verification
+
+
+def _prompts(tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    batches = []
+    for text in PROMPTS:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
+            batches.append(tokenizer(text, add_special_tokens=False, return_tensors="pt"))
+        else:
+            batches.append(tokenizer(text, return_tensors="pt"))
+    return [dict(b) for b in batches]
+
+
+def verify(
+    plan: Plan,
+    merged: Path,
+    base_dir: Path,
+    final: Path,
+    roundtrip: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    quantized: frozenset[str] = frozenset(),
+) -> float:
+    """Max |logits difference| of merged vs base + adapter (fp32); RunError above tolerance."""
+    import transformers
+    from peft import PeftModel
+
+    tolerance = plan.recipe.merge.verify_tolerance
+    model_cfg = plan.recipe.model
+    auto = _auto_class(model_cfg.task)
+    tok_dir = final if (final / "tokenizer_config.json").is_file() else base_dir
+    batches = _prompts(transformers.AutoTokenizer.from_pretrained(tok_dir))
+    kwargs: dict[str, Any] = {"trust_remote_code": model_cfg.trust_remote_code}
+
+    base = auto.from_pretrained(base_dir, dtype=TORCH_DTYPES[model_cfg.dtype], **kwargs)
+    if roundtrip is not None:
+        with torch.no_grad():
+            for name, param in base.named_parameters():
+                if name in quantized:
+                    param.data = roundtrip(param.data)
+    reference = PeftModel.from_pretrained(base.float(), str(final)).eval()
+    with torch.no_grad():
+        expected = [reference(**b).logits for b in batches]
+    del reference, base
+    gc.collect()
+    model = auto.from_pretrained(merged, dtype=torch.float32, **kwargs).eval()
+    with torch.no_grad():
+        diff = max(
+            float((model(**b).logits - e).abs().max())
+            for b, e in zip(batches, expected, strict=True)
+        )
+    del model
+    gc.collect()
+    if not diff <= tolerance:
+        raise RunError(
+            f"merge verification failed: the merged model's logits differ from base + adapter "
+            f"by up to {diff:.3g} over {len(batches)} prompts, above "
+            f"merge.verify_tolerance={tolerance:g}. The output in {merged} is kept for "
+            "inspection and not published. A wrong merge (adapter from another base, bad "
+            "scaling) differs by the adapter's whole effect; if this is 16-bit rounding, raise "
+            "merge.verify_tolerance"
+        )
+    log.info(
+        "verified: max |logits difference| %.3g <= merge.verify_tolerance=%g over %d prompts",
+        diff,
+        tolerance,
+        len(batches),
+    )
+    return diff
+
+
+def verify_run(run_dir: Path) -> float:
+    """Verify an existing RUN_DIR/merged against base + adapter (RunError on mismatch)."""
+    run_dir = Path(run_dir).resolve()
+    plan = load_plan(run_dir)
+    if plan.recipe.method.kind == "full":
+        raise RunError("method=full has no adapter to verify the merged model against")
+    base_dir = resolve_base(plan, run_dir)
+    roundtrip, quantized = _roundtrip_for(plan, base_dir, open_checkpoint(base_dir).specs())
+    return verify(plan, run_dir / "merged", base_dir, run_dir / "final", roundtrip, quantized)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def merge_run(run_dir: Path, force: bool = False, *, verify_merge: bool | None = None) -> Path:
+    """Merge RUN_DIR's training result into a servable model; returns the directory to serve.
+
+    lora/qlora -> RUN_DIR/merged. full -> RUN_DIR/final, or RUN_DIR/merged when it had to be
+    consolidated from a ZeRO checkpoint. verify_merge: None checks logits when the model is
+    at most VERIFY_MAX_BYTES in fp32; True/False force it on/off.
+    """
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "plan.json").is_file():
+        raise RunError(f"{run_dir} is not a run directory (no plan.json)")
+    plan = load_plan(run_dir)
+    with _logging_to(run_dir), _lock(run_dir):
+        start = time.monotonic()
+        if plan.recipe.method.kind == "full":
+            out = _merge_full(plan, run_dir, force)
+        else:
+            out = _merge_adapter(plan, run_dir, force, verify_merge)
+        log.info(
+            "merge of %s: %s in %.1f s, peak RSS %.0f MiB (process lifetime)",
+            run_dir.name,
+            out,
+            time.monotonic() - start,
+            peak_rss_mib(),
+        )
+        return out
+
+
+def _settings(plan: Plan) -> dict[str, Any]:
+    recipe = plan.recipe
+    out: dict[str, Any] = {
+        "format": FORMAT,
+        "method": recipe.method.kind,
+        "dtype": recipe.model.dtype,
+        "shard_size_gb": recipe.merge.shard_size_gb,
+    }
+    if recipe.method.kind == "qlora":
+        out["nf4_roundtrip"] = recipe.merge.nf4_roundtrip
+        out["quant"] = recipe.method.quant.model_dump()
+    return out
+
+
+def _roundtrip_for(
+    plan: Plan, base_dir: Path, specs: dict[str, TensorSpec]
+) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, frozenset[str]]:
+    recipe = plan.recipe
+    if recipe.method.kind != "qlora" or not recipe.merge.nf4_roundtrip:
+        return None, frozenset()
+    prefix = MODEL_PREFIX.get(str((plan.model_shape or {}).get("model_type")), "model")
+    names = quantized_weights(base_dir, recipe.model.task, recipe.model.trust_remote_code)
+    keys = {_find(n, specs, prefix) for n in names}
+    fn = nf4_roundtrip_fn(
+        TORCH_DTYPES[recipe.model.dtype], recipe.method.quant.type, recipe.method.quant.double_quant
+    )
+    return fn, frozenset(k for k in keys if k)
+
+
+def _merge_adapter(plan: Plan, run_dir: Path, force: bool, verify_merge: bool | None) -> Path:
+    final, out, tmp = run_dir / "final", run_dir / "merged", run_dir / "merged.tmp"
+    adapter = load_adapter(final)
+    base_dir = resolve_base(plan, run_dir)
+    base = open_checkpoint(base_dir)
+    sources = aux_sources([final, base_dir])
+    inputs = {
+        **_settings(plan),
+        "adapter": {
+            n: sha256(final / n) for n in ("adapter_model.safetensors", "adapter_config.json")
+        },
+        "base": base.file_sizes(),
+        "files": {n: sha256(p) for n, p in sorted(sources.items())},
+    }
+    digest = _digest(inputs)
+    if not force and is_complete(out, digest):
+        log.info(
+            "%s is complete and its inputs are unchanged: nothing to do (--force redoes it)", out
+        )
+        return out
+    if out.exists():
+        log.info("%s %s: merging again", out, "forced" if force else "is stale or incomplete")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    recipe = plan.recipe
+    specs = base.specs()
+    prefix = MODEL_PREFIX.get(str((plan.model_shape or {}).get("model_type")), "model")
+    bound = bind(adapter, specs, prefix)
+    roundtrip, quantized = _roundtrip_for(plan, base_dir, specs)
+    dtype = TORCH_DTYPES[recipe.model.dtype]
+    log.info("base %s, adapter %s, rss %.0f MiB", base_dir, final, _rss_mib())
+    index = stream_merge(
+        base,
+        bound,
+        tmp,
+        dtype=dtype,
+        max_bytes=int(recipe.merge.shard_size_gb * 1e9),
+        roundtrip=roundtrip,
+        quantized=quantized,
+    )
+    extra_cfg = {"tie_word_embeddings": False} if "lm_head.weight" in bound.extra else {}
+    copy_aux(sources, tmp, recipe.model.dtype, extra_cfg)
+    log.info("streamed; peak RSS so far %.0f MiB, now %.0f MiB", peak_rss_mib(), _rss_mib())
+
+    params = sum(s.numel for s in specs.values())
+    diff: float | None = None
+    if verify_merge is None:
+        verify_merge = params * 4 <= VERIFY_MAX_BYTES
+        if not verify_merge:
+            log.info(
+                "skipping verification: %.2f B parameters need %.1f GiB in fp32, above the "
+                "%.1f GiB limit (run launcher.merge.verify_run on a larger machine to check)",
+                params / 1e9,
+                params * 4 / 2**30,
+                VERIFY_MAX_BYTES / 2**30,
+            )
+    if verify_merge:
+        diff = verify(plan, tmp, base_dir, final, roundtrip, quantized)
+    marker = {
+        "fingerprint": digest,
+        "inputs": inputs,
+        "shards": sorted(set(index["weight_map"].values())),
+        "total_size": index["metadata"]["total_size"],
+        "verified_max_logit_diff": diff,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    publish(tmp, out, marker)
+    return out
+
+
+def _has_weights(path: Path) -> bool:
+    return (path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file()
+
+
+def zero_checkpoint(run_dir: Path) -> Path | None:
+    """A DeepSpeed ZeRO checkpoint (a dir with a `latest` tag file): final/, else the newest
+    COMPLETE checkpoints/checkpoint-N."""
+    final = run_dir / "final"
+    if (final / "latest").is_file():
+        return final
+    ckpts = []
+    for path in (run_dir / "checkpoints").glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and (path / "COMPLETE").is_file() and (path / "latest").is_file():
+            ckpts.append((int(step), path))
+    return max(ckpts)[1] if ckpts else None
+
+
+def _merge_full(plan: Plan, run_dir: Path, force: bool) -> Path:
+    final, out, tmp = run_dir / "final", run_dir / "merged", run_dir / "merged.tmp"
+    if _has_weights(final):
+        log.info("method=full: %s holds the full model; nothing to merge, serve it as is", final)
+        return final
+    ckpt = zero_checkpoint(run_dir)
+    if ckpt is None:
+        raise RunError(
+            f"method=full: {final} holds no safetensors weights and no COMPLETE DeepSpeed "
+            f"checkpoint was found in {run_dir / 'checkpoints'}: has training finished?"
+        )
+    dirs = [final, ckpt]
+    with contextlib.suppress(RunError):  # the base only supplies files final/ lacks
+        dirs.append(resolve_base(plan, run_dir))
+    sources = aux_sources([d for d in dirs if d.is_dir()])
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != "COMPLETE")
+    inputs = {
+        **_settings(plan),
+        "zero_checkpoint": [(str(p.relative_to(ckpt)), p.stat().st_size) for p in files],
+        "files": {n: sha256(p) for n, p in sorted(sources.items())},
+    }
+    digest = _digest(inputs)
+    if not force and is_complete(out, digest):
+        log.info("%s is complete and its inputs are unchanged: nothing to do", out)
+        return out
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
+
+    recipe = plan.recipe
+    log.info("method=full: consolidating the ZeRO checkpoint %s into %s", ckpt, out)
+    convert_zero_checkpoint_to_state_dict(
+        str(ckpt),
+        str(tmp),
+        dtype=TORCH_DTYPES[recipe.model.dtype],
+        max_shard_size=int(recipe.merge.shard_size_gb * 1e9),
+        safe_serialization=True,
+    )
+    copy_aux(sources, tmp, recipe.model.dtype, {})
+    publish(tmp, out, {"fingerprint": digest, "inputs": inputs, "source": str(ckpt)})
+    return out

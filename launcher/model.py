@@ -1,0 +1,138 @@
+"""Build the model a rank trains: dtype, 4-bit quantization (QLoRA), the PEFT config.
+
+The TRL trainers apply `peft_config` themselves, right after `set_seed(args.seed)`, so every
+rank starts from the same adapter; the classification path (plain Trainer) calls
+`wrap_peft`, which does the same. Call `load_model` after the TrainingArguments exist: under
+ZeRO-3 they tell `from_pretrained` to partition the weights while loading.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from launcher.plan import Plan
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "uint8": torch.uint8,
+}
+
+
+def quantization_config(plan: Plan) -> Any:
+    """BitsAndBytesConfig for method.kind=qlora, else None."""
+    method, model = plan.recipe.method, plan.recipe.model
+    if method.kind != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    quant = method.quant
+    compute = TORCH_DTYPES[quant.compute_dtype or model.dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=TORCH_DTYPES[plan.quant_storage or "uint8"],
+    )
+
+
+def head_modules(model: Any) -> list[str]:
+    """Top-level modules with weights outside the backbone (a classifier head)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return [
+        name
+        for name, child in model.named_children()
+        if name != prefix and any(True for _ in child.parameters())
+    ]
+
+
+def load_model(
+    plan: Plan,
+    base_path: str,
+    *,
+    num_labels: int | None = None,
+    labels: dict[str, int] | None = None,
+) -> Any:
+    """The base model in the recipe's dtype, 4-bit for QLoRA (prepared for k-bit training)."""
+    import transformers
+
+    recipe = plan.recipe
+    kwargs: dict[str, Any] = {
+        "dtype": TORCH_DTYPES[recipe.model.dtype],
+        "trust_remote_code": recipe.model.trust_remote_code,
+        "attn_implementation": recipe.model.attn_implementation,
+    }
+    bnb = quantization_config(plan)
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+    if recipe.model.task == "sequence_classification":
+        if labels:
+            kwargs["id2label"] = {i: name for name, i in labels.items()}
+            kwargs["label2id"] = dict(labels)
+        kwargs["num_labels"] = num_labels or recipe.model.num_labels
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(base_path, **kwargs)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+    if bnb is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    model.config.use_cache = False
+    return model
+
+
+def peft_config(plan: Plan, model: Any) -> Any:
+    """LoraConfig for lora/qlora, None for full fine-tuning."""
+    method = plan.recipe.method
+    if method.kind == "full":
+        return None
+    from peft import LoraConfig
+
+    classify = plan.recipe.model.task == "sequence_classification"
+    modules_to_save = list(method.modules_to_save)
+    exclude = None
+    if classify:
+        heads = head_modules(model)
+        modules_to_save += [h for h in heads if h not in modules_to_save]
+        exclude = heads  # trained in full, not adapted
+    return LoraConfig(
+        task_type="SEQ_CLS" if classify else "CAUSAL_LM",
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=method.target_modules,
+        modules_to_save=modules_to_save or None,
+        exclude_modules=exclude,
+    )
+
+
+def wrap_peft(model: Any, config: Any, seed: int) -> Any:
+    """get_peft_model after set_seed, as the TRL trainers do: the same adapter on every rank."""
+    if config is None:
+        return model
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    set_seed(seed)
+    return get_peft_model(model, config)
+
+
+def count_trainable(model: Any) -> tuple[int, int]:
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

