@@ -139,11 +139,12 @@ BUILTIN: dict[str, ModelShape] = {
     "qwen2.5-7b": _llama(152064, 3584, 18944, 28, 28, 4, False, "qwen2", 32768),
 }
 
-# what `tune-launch tiny` builds: small enough to train on a CPU in seconds
+# what `tune-launch tiny` builds: small enough to train on a CPU in seconds; head_dim 32
+# because vLLM's CPU attention supports head sizes 32, 64, 80, ... (not 16)
 TINY: dict[str, ModelShape] = {
-    "llama": _llama(1024, 64, 128, 2, 4, 2, False, "llama", 512),
-    "mistral": _llama(1024, 64, 128, 2, 4, 2, False, "mistral", 512),
-    "qwen2": _llama(1024, 64, 128, 2, 4, 2, False, "qwen2", 512),
+    "llama": _llama(1024, 128, 256, 2, 4, 2, False, "llama", 512),
+    "mistral": _llama(1024, 128, 256, 2, 4, 2, False, "mistral", 512),
+    "qwen2": _llama(1024, 128, 256, 2, 4, 2, False, "qwen2", 512),
     "distilbert": ModelShape("distilbert", 1024, 64, 128, 2, 4, 4, 16, True, 512, "float32"),
 }
 
