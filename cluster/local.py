@@ -52,10 +52,20 @@ TAIL_LINES = 25
 # The run directory lock
 
 
+_HELD: dict[str, IO[str]] = {}
+
+
 @contextlib.contextmanager
 def run_dir_lock(run_dir: Path) -> Iterator[IO[str]]:
-    """Hold RUN_DIR/.lock; RunError naming the holder if another run has it."""
+    """Hold RUN_DIR/.lock; RunError naming the holder if another run has it.
+
+    Re-entrant within one process (the pipeline holds it around the backend, which takes it too).
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
+    key = str(run_dir.resolve())
+    if key in _HELD:
+        yield _HELD[key]
+        return
     handle = (run_dir / LOCK_FILE).open("a+")
     try:
         try:
@@ -71,8 +81,10 @@ def run_dir_lock(run_dir: Path) -> Iterator[IO[str]]:
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
+        _HELD[key] = handle
         yield handle
     finally:
+        _HELD.pop(key, None)
         handle.close()  # closing releases the lock
 
 
@@ -200,8 +212,11 @@ class LocalBackend:
                 if self._stop_signal is not None or (run_dir / CANCEL_FILE).exists():
                     record.state, record.error = "CANCELLED", "stopped by a signal or cancel"
                     record.save(run_dir)
-                    print(f"training stopped; resume it by running the same command again "
-                          f"(run dir {run_dir})", file=sys.stderr)
+                    print(
+                        f"training stopped; resume it by running the same command again "
+                        f"(run dir {run_dir})",
+                        file=sys.stderr,
+                    )
                     return 130 if self._stop_signal == signal.SIGINT else 1
                 rank = failing_rank(run_dir, output, started)
                 where = f"rank {rank}" if rank is not None else "the launcher"
@@ -259,7 +274,9 @@ class LocalBackend:
         try:
             while True:
                 if self._stop_signal is not None and kill_at is None:
-                    log.warning("stopping the run (signal %d): SIGTERM to its processes", self._stop_signal)
+                    log.warning(
+                        "stopping the run (signal %d): SIGTERM to its processes", self._stop_signal
+                    )
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGTERM)
                     kill_at = time.monotonic() + self.grace_s
@@ -337,4 +354,3 @@ class LocalBackend:
                 if not follow or self.status(run_dir).state not in ("RUNNING", "PENDING"):
                     return
                 time.sleep(0.5)
-

@@ -214,7 +214,13 @@ class SlurmBackend:
             python=python_of(plan),
         )
         executor.update_parameters(**sbatch_parameters(plan))
-        job = executor.submit(node_task(plan))
+        try:
+            job = executor.submit(node_task(plan))
+        except submitit.core.utils.FailedJobError as exc:  # sbatch refused the script
+            raise RunError(
+                f"sbatch refused the job: {str(exc).strip()}\n  fix resources.* in the recipe; "
+                "`--dry-run` prints the script"
+            ) from None
         record = JobRecord(
             backend="slurm",
             job_id=str(job.job_id),
@@ -306,8 +312,10 @@ class SlurmBackend:
         yield from _follow(files[0], lambda: self.status(run_dir).state in _ENDED)
 
     def wait(self, run_dir: Path, poll_s: float = 2.0) -> int:
-        """Follow the job to its end, printing state changes; 0 if it completed, else 1."""
+        """Follow the job to its end, printing state changes and the training's logged steps;
+        0 if it completed, else 1."""
         last = None
+        progress = _Progress(run_dir / "metrics.jsonl")
         while True:
             record = self.status(run_dir)
             shown = f"{record.state} ({record.extra.get('slurm_state', '')})"
@@ -317,6 +325,8 @@ class SlurmBackend:
                 )
                 print(f"job {record.job_id}: {shown}{extra}", flush=True)
                 last = shown
+            for line in progress.new_lines():
+                print(f"  {line}", flush=True)
             if record.state in _ENDED and self._settled(record):
                 record.save(run_dir)
                 if record.state == "COMPLETED":
@@ -334,6 +344,33 @@ class SlurmBackend:
 
 
 _ENDED = ("COMPLETED", "FAILED", "CANCELLED", "PREEMPTED")
+
+
+class _Progress:
+    """New training records of metrics.jsonl, as short lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.position = path, 0
+
+    def new_lines(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        with self.path.open("r", errors="replace") as f:
+            f.seek(self.position)
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]
+        self.position += len(complete.encode())
+        lines = []
+        for raw in complete.splitlines():
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            shown = {k: rec[k] for k in ("loss", "eval_loss") if rec.get(k) is not None}
+            if shown:
+                values = ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+                lines.append(f"step {rec.get('step')}: {values}")
+        return lines
 
 
 def _follow(path: Path, ended: Any, poll_s: float = 1.0) -> Iterator[str]:

@@ -121,7 +121,7 @@ def _install_zeroing_hooks(model: Any, hooks: RunHooks) -> None:
 def trainer_class(base: type, hooks: RunHooks) -> type:
     """base (Trainer, SFTTrainer, DPOTrainer) with atomic checkpoints and the NaN policy."""
 
-    class Tuned(base):  # type: ignore[valid-type,misc]
+    class Tuned(base):
         _staging: str | None = None
 
         def _get_output_dir(self, trial: Any) -> str:

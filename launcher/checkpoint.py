@@ -20,6 +20,7 @@ that step is NaN on every rank). A fault fires once per run directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -223,10 +224,8 @@ def save_atomically(
         extras(staged)
         mark_complete(staged, {"step": step})
         publish(staged, final)
-        try:
+        with contextlib.suppress(OSError):
             staged.parent.rmdir()  # .staging, when empty
-        except OSError:
-            pass
         removed = prune(root, keep_last, protect)
         log.info(
             "checkpoint %s complete%s",

@@ -109,7 +109,7 @@ def peft_config(plan: Plan, model: Any) -> Any:
     return LoraConfig(
         task_type="SEQ_CLS" if classify else "CAUSAL_LM",
         r=method.r,
-        lora_alpha=method.alpha,
+        lora_alpha=method.alpha,  # type: ignore[arg-type]  # annotated int, used as a number
         lora_dropout=method.dropout,
         target_modules=method.target_modules,
         modules_to_save=modules_to_save or None,

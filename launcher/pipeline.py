@@ -86,9 +86,18 @@ def run_pipeline(plan: Plan, *, stages: list[str], wait: bool) -> int:
             [Problem("--stages", f"unknown stage(s) {unknown}", f"use {','.join(STAGES)}")], "usage"
         )
     _setup_logging()
-    recipe = plan.recipe
     backend = select_backend(plan) if "train" in stages else None
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
+    if backend is None or backend.name != "local":
+        return _stages(plan, backend, stages, wait)
+    from cluster.local import run_dir_lock
+
+    with run_dir_lock(Path(plan.run_dir)):  # a second run in this directory refuses here
+        return _stages(plan, backend, stages, wait)
+
+
+def _stages(plan: Plan, backend: Any, stages: list[str], wait: bool) -> int:
+    recipe = plan.recipe
     if backend is not None:
         from launcher.data import validate_data
 

@@ -1,10 +1,12 @@
 """Streaming safetensors I/O: read a checkpoint one tensor at a time, write shards planned ahead.
 
-A merge must not hold the model in memory. Reading goes through `safe_open` one shard file
-at a time (its memory map is closed before the next file opens). Writing plans every output
-shard from the tensors' names, shapes and dtypes before any data is read, so each file's
-header is written first and each tensor is appended as soon as it is computed: the writer
-holds no tensor, and peak memory does not grow with the shard size.
+A merge must not hold the model in memory. Reading is positioned reads of one tensor's bytes
+(no memory map: the pages of a mapped shard would count in the process's resident set until
+it is unmapped). Writing plans every output shard from the tensors' names, shapes and dtypes
+before any data is read, so each file's header is written first and each tensor is appended
+as soon as it is computed: the writer holds no tensor, and peak memory does not grow with the
+shard size. A tensor that is written unchanged is copied file to file in COPY_CHUNK pieces
+(`ShardWriter.copy`), never becoming a tensor: an untouched 1 GB embedding costs 16 MiB.
 
 The file format (https://github.com/huggingface/safetensors#format): an 8-byte little-endian
 header length, a JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}}
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ TORCH_TO_ST: dict[torch.dtype, str] = {
 ST_TO_TORCH = {name: dtype for dtype, name in TORCH_TO_ST.items()}
 ST_SIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in ST_TO_TORCH.items()}
 ST_FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+COPY_CHUNK = 16 * 2**20  # bytes per read when a tensor is copied file to file
 
 
 @dataclass(frozen=True)
@@ -69,17 +73,56 @@ class TensorSpec:
 
 def read_header(path: Path) -> dict[str, TensorSpec]:
     """The tensors a safetensors file holds, from its header alone (no data read, no mmap)."""
+    return {name: stored.spec for name, stored in _layout(path).items()}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes are: `read()` makes it a tensor, ShardWriter.copy copies them."""
+
+    path: Path
+    spec: TensorSpec
+    offset: int  # of the first byte, from the start of the file
+
+    def read(self) -> torch.Tensor:
+        """The tensor, in a buffer of its own (a positioned read; the file is not mapped)."""
+        dtype = ST_TO_TORCH[self.spec.dtype]
+        if self.spec.nbytes == 0:
+            return torch.empty(self.spec.shape, dtype=dtype)
+        data = bytearray(self.spec.nbytes)
+        with self.path.open("rb", buffering=0) as fh:
+            fh.seek(self.offset)
+            view, done = memoryview(data), 0
+            while done < len(data):
+                n = fh.readinto(view[done:])
+                if not n:
+                    raise RunError(f"{self.path} ends inside tensor {self.spec.name}")
+                done += n
+        flat = torch.frombuffer(data, dtype=torch.uint8)
+        return flat.view(dtype).reshape(self.spec.shape)
+
+
+def _layout(path: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a safetensors file with the offset of its bytes, from the header."""
     with path.open("rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(length))
-    specs = {}
+    start, size = 8 + length, path.stat().st_size
+    out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if info["dtype"] not in ST_SIZE:
             raise RunError(f"{path}: tensor {name} has dtype {info['dtype']}, not supported here")
-        specs[name] = TensorSpec(name, info["dtype"], tuple(info["shape"]))
-    return specs
+        spec = TensorSpec(name, info["dtype"], tuple(info["shape"]))
+        begin, end = info["data_offsets"]
+        if end - begin != spec.nbytes or start + end > size:
+            raise RunError(
+                f"{path}: tensor {name} ({spec.dtype} {spec.shape}) does not fit its "
+                f"data_offsets [{begin}, {end}] in a {size}-byte file; the file is damaged"
+            )
+        out[name] = StoredTensor(path, spec, start + begin)
+    return out
 
 
 @dataclass(frozen=True)
@@ -113,15 +156,17 @@ class Checkpoint:
         names = [INDEX_NAME] if (self.root / INDEX_NAME).is_file() else []
         return [(n, (self.root / n).stat().st_size) for n in names + self.files]
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) one at a time, in `specs()` order; one file mapped at a time."""
-        from safetensors import safe_open
-
+    def iter_stored(self) -> Iterator[StoredTensor]:
+        """Every tensor's location, in `specs()` order; nothing is read yet."""
         for file in self.files:
-            names = [n for n in read_header(self.root / file) if self.weight_map.get(n) == file]
-            with safe_open(str(self.root / file), framework="pt", device="cpu") as fh:
-                for name in names:
-                    yield name, fh.get_tensor(name)
+            for name, stored in _layout(self.root / file).items():
+                if self.weight_map.get(name) == file:
+                    yield stored
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) one at a time, in `specs()` order."""
+        for stored in self.iter_stored():
+            yield stored.spec.name, stored.read()
 
 
 def open_checkpoint(root: Path) -> Checkpoint:
@@ -190,13 +235,33 @@ class ShardWriter:
         self._fh: IO[bytes] | None = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append a tensor: the next one in the plan, with the planned dtype and shape."""
+        fh = self._next_file(name, TORCH_TO_ST.get(tensor.dtype), tuple(tensor.shape))
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        fh.write(data.data)
+
+    def copy(self, stored: StoredTensor) -> None:
+        """Append a stored tensor's bytes unchanged, COPY_CHUNK at a time (no tensor made)."""
+        spec = stored.spec
+        fh = self._next_file(spec.name, spec.dtype, spec.shape)
+        buffer = memoryview(bytearray(min(COPY_CHUNK, spec.nbytes)))
+        with stored.path.open("rb", buffering=0) as src:
+            offset, end = stored.offset, stored.offset + spec.nbytes
+            while offset < end:
+                n = os.preadv(src.fileno(), [buffer[: end - offset]], offset)
+                if not n:
+                    raise RunError(f"{stored.path} ends inside tensor {spec.name}")
+                fh.write(buffer[:n])
+                offset += n
+
+    def _next_file(self, name: str, dtype: str | None, shape: tuple[int, ...]) -> IO[bytes]:
+        """Check the tensor against the plan, open its shard when it starts one, advance."""
         if self._next >= len(self._order):
             raise RunError(f"merge wrote more tensors than planned (extra: {name})")
         shard, spec = self._order[self._next]
-        dtype = TORCH_TO_ST.get(tensor.dtype)
-        if name != spec.name or dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+        if name != spec.name or dtype != spec.dtype or shape != spec.shape:
             raise RunError(
-                f"merge produced {name} {dtype} {tuple(tensor.shape)} where the shard plan "
+                f"merge produced {name} {dtype} {shape} where the shard plan "
                 f"expects {spec.name} {spec.dtype} {spec.shape}"
             )
         if shard != self._shard:
@@ -205,9 +270,8 @@ class ShardWriter:
             self._fh = (self.out_dir / f"{self.names[shard]}.tmp").open("wb")
             self._fh.write(_header_bytes(self.shards[shard]))
         assert self._fh is not None
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._fh.write(data.data)
         self._next += 1
+        return self._fh
 
     def _finish_shard(self) -> None:
         if self._fh is None:

@@ -204,7 +204,8 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
     import datasets
     import transformers
 
-    from launcher import callbacks, model as modeling
+    from launcher import callbacks
+    from launcher import model as modeling
     from launcher.preflight import run_preflight
     from launcher.rundir import ensure_base
 

@@ -67,12 +67,18 @@ def training_prompt_ids(
     """The training tokenizer's prompt ids for `messages`, and the tokenizer."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     template = load_contract(model_dir).get("chat_template")
     kwargs: dict[str, Any] = {"add_generation_prompt": True}
     if template:
         kwargs["chat_template"] = template
-    return chat_ids(tokenizer, messages, **kwargs), tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        return chat_ids(tokenizer, messages, **kwargs), tokenizer
+    except Exception as exc:  # no tokenizer files, no chat template, ...
+        raise RunError(
+            f"train/serve contract: cannot apply the training chat template of {model_dir}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _diff(expected: list[int], got: list[int], tokenizer: Any) -> str:

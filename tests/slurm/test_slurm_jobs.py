@@ -325,11 +325,13 @@ def test_preemption_of_real_training_resumes_without_gap(tmp_path: Path) -> None
             *QUICK,
             "--wait",
             "--set",
-            "train.max_steps=12",
+            "train.max_steps=10",
             "--set",
-            "train.save_steps=4",
+            "train.save_steps=3",
             "--set",
             "train.logging_steps=1",
+            "--set",
+            "train.global_batch_size=8",  # no accumulation: shorter steps
             "--run-dir",
             str(run),
         ],
@@ -340,7 +342,7 @@ def test_preemption_of_real_training_resumes_without_gap(tmp_path: Path) -> None
         text=True,
     )
     try:
-        wait_for(lambda: len(train_steps(run)) >= 6, 180, "step 6")
+        wait_for(lambda: len(train_steps(run)) >= 5, 180, "step 5")
         job_id = json.loads((run / "job.json").read_text())["job_id"]
         submitit.SlurmJob(folder=run / "slurm", job_id=job_id, tasks=(0, 1))._interrupt()
         output, _ = proc.communicate(timeout=240)
@@ -349,9 +351,9 @@ def test_preemption_of_real_training_resumes_without_gap(tmp_path: Path) -> None
             proc.kill()
     assert proc.returncode == 0, output
     steps = train_steps(run)
-    assert sorted(set(steps)) == list(range(1, 13)), steps  # no gap
+    assert sorted(set(steps)) == list(range(1, 11)), steps  # no gap
     repeats = sum(n - 1 for n in Counter(steps).values())
-    assert repeats <= 4, steps  # at most one checkpoint interval redone
+    assert repeats <= 3, steps  # at most one checkpoint interval redone
     assert "requeued 1x" in output, output
-    assert re.search(r"resuming from \S+checkpoint-(4|8)", _log(run)), "no resume"
+    assert re.search(r"resuming from \S+checkpoint-[369]\b", _log(run)), "no resume"
     assert (run / "final" / "adapter_model.safetensors").stat().st_size > 0

@@ -282,3 +282,32 @@ def test_failure_message_names_the_first_failing_rank_and_its_node(tmp_path: Pat
     message = failure_message(tmp_path, since=50)
     assert message is not None and message.startswith("training failed (rank 1): RuntimeError")
     assert "on node n2" in message
+
+
+def test_checkpoint_decides_requeue_completion_and_the_bound(tmp_path: Path) -> None:
+    """NodeTask.checkpoint (submitit calls it on USR2): requeue after a save, not after a
+    finished training, and never more than resources.max_requeues times."""
+    import subprocess
+
+    from submitit.helpers import DelayedSubmission
+
+    def task_after(code: int, *, saved: bool, requeues: int = 0) -> NodeTask:
+        task = NodeTask(str(tmp_path), max_requeues=2, save_timeout_s=5)
+        task.requeues = requeues
+        task._proc = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+        task._proc.wait()
+        (tmp_path / "PREEMPTED").unlink(missing_ok=True)
+        if saved:
+            (tmp_path / "PREEMPTED").write_text('{"step": 3}')
+        return task
+
+    finished = task_after(0, saved=False)
+    assert finished.checkpoint() is None and finished._completed
+    saved = task_after(0, saved=True)
+    resubmission = saved.checkpoint()
+    assert isinstance(resubmission, DelayedSubmission) and resubmission.function is saved
+    assert saved.requeues == 1
+    stopped = task_after(1, saved=False, requeues=1)  # SIGTERM first: last periodic checkpoint
+    assert isinstance(stopped.checkpoint(), DelayedSubmission) and stopped.requeues == 2
+    with pytest.raises(RuntimeError, match="max_requeues=2"):
+        task_after(0, saved=True, requeues=2).checkpoint()

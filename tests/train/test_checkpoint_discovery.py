@@ -73,7 +73,9 @@ def test_empty_adapter_is_refused(tmp_path: Path) -> None:
     assert checkpoint.check_adapter(tmp_path) == 1
 
 
-def test_a_fault_fires_once_per_run_dir_and_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fault_fires_once_per_run_dir_and_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TUNE_LAUNCH_FAULT", "crash_in_save:20,nan_loss:3")
     assert not checkpoint.fault("crash_in_save", 10, tmp_path)
     assert checkpoint.fault("crash_in_save", 20, tmp_path)

@@ -18,20 +18,30 @@ from .conftest import write_jsonl
 def recipe(train: Path | str, **data_fields: Any) -> Recipe:
     model: dict[str, Any] = {"name_or_path": "tiny:llama"}
     if data_fields.get("format") == "classification":
-        model |= {"name_or_path": "tiny:distilbert", "task": "sequence_classification", "num_labels": 2}
+        model |= {
+            "name_or_path": "tiny:distilbert",
+            "task": "sequence_classification",
+            "num_labels": 2,
+        }
     return Recipe.model_validate(
         {"name": "t", "model": model, "data": {"train": str(train), **data_fields}}
     )
 
 
-GOOD = {"instruction": "Is this review positive or negative?", "input": "a fine film", "output": "positive"}
+GOOD = {
+    "instruction": "Is this review positive or negative?",
+    "input": "a fine film",
+    "output": "positive",
+}
 
 
 def test_alpaca_rows_become_conversational_prompt_completion(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "a.jsonl", [GOOD, {**GOOD, "input": ""}])
     splits = data.load_splits(recipe(path))
     assert splits.train[0] == {
-        "prompt": [{"role": "user", "content": "Is this review positive or negative?\n\na fine film"}],
+        "prompt": [
+            {"role": "user", "content": "Is this review positive or negative?\n\na fine film"}
+        ],
         "completion": [{"role": "assistant", "content": "positive"}],
     }
     assert splits.train[1]["prompt"][0]["content"] == "Is this review positive or negative?"
@@ -85,7 +95,9 @@ def test_formats(tmp_path: Path) -> None:
         {"messages": [{"role": "user", "content": "hi"}]},  # no assistant turn at the end
         {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "a"}]},
     ]
-    reports = data.validate_data(recipe(write_jsonl(tmp_path / "m.jsonl", messages), format="messages", invalid_rows="drop"))
+    reports = data.validate_data(
+        recipe(write_jsonl(tmp_path / "m.jsonl", messages), format="messages", invalid_rows="drop")
+    )
     assert [p.row for p in reports[0].problems] == [2, 3]
     split = data.load_splits(recipe(tmp_path / "m.jsonl", format="messages", invalid_rows="drop"))
     assert split.train[0]["completion"] == [{"role": "assistant", "content": "yo"}]

@@ -78,27 +78,11 @@ def test_chat_template_and_eos_saved_are_those_used_in_training(quickstart_run: 
     assert json.loads(checkpoint_contract.read_text()) == contract
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(
-    quickstart_run: Path, tmp_path: Path
-) -> None:
-    """Rank 0 dies right after checkpoint 10; train.restarts=1 relaunches, which resumes."""
-    run_dir = tmp_path / "run"
-    env = cli_env(TUNE_LAUNCH_FAULT="exit_after_save:10")
-    result = run_cli(run_dir, *SHORT, "train.restarts=1", env=env)
-    assert_ok(result)
-    assert "restarting from the last complete checkpoint" in result.stderr
-    assert f"resuming from {run_dir}/checkpoints/checkpoint-10 (step 10)" in result.stderr
-    assert json.loads((run_dir / "job.json").read_text())["extra"]["attempt"] == 2
-    same_tensors(
-        tensors(quickstart_run / "final" / "adapter_model.safetensors"),
-        tensors(run_dir / "final" / "adapter_model.safetensors"),
-        RESUME_ATOL,
-    )
-
-
 def test_crash_during_a_save_leaves_the_previous_checkpoint_resumable(
     quickstart_run: Path, tmp_path: Path
 ) -> None:
+    """Rank 0 dies while writing checkpoint 20; the same command started again resumes from
+    checkpoint 10 and ends with the adapter of the uninterrupted quickstart run."""
     run_dir = tmp_path / "run"
     started = time.monotonic()
     crashed = run_cli(run_dir, *SHORT, env=cli_env(TUNE_LAUNCH_FAULT="crash_in_save:20"))
@@ -124,7 +108,11 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_resumable(
     )
 
 
-def test_full_finetune_zero3_consolidates_into_safetensors_shards(tmp_path: Path) -> None:
+def test_full_finetune_zero3_restarts_and_consolidates_into_safetensors_shards(
+    tmp_path: Path,
+) -> None:
+    """Rank 0 is killed right after the first ZeRO-3 checkpoint; train.restarts=1 relaunches
+    and resumes from the sharded checkpoint; the final model is gathered into shards."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -136,9 +124,14 @@ def test_full_finetune_zero3_consolidates_into_safetensors_shards(tmp_path: Path
         "train.max_steps=6",
         "train.save_steps=3",
         "train.learning_rate=1e-3",
-        "merge.shard_size_gb=0.0004",  # 400 kB shards: the 0.8 MB tiny model needs several
+        "train.restarts=1",
+        "merge.shard_size_gb=0.0004",  # 400 kB shards: the tiny model (> 1 MB in fp32) needs several
+        env=cli_env(TUNE_LAUNCH_FAULT="exit_after_save:3"),
     )
     assert_ok(result)
+    assert "restarting from the last complete checkpoint (restart 1 of 1)" in result.stderr
+    assert "checkpoint-3 (step 3)" in result.stderr
+    assert json.loads((run_dir / "job.json").read_text())["extra"]["attempt"] == 2
     step3 = run_dir / "checkpoints" / "checkpoint-3"
     shards = sorted(p.name for p in (step3 / "global_step3").iterdir())
     assert "zero_pp_rank_0_mp_rank_00_model_states.pt" in shards
@@ -165,14 +158,16 @@ def test_qlora_zero3_paged_adamw_8bit_gradient_checkpointing(tmp_path: Path) -> 
         "distributed.strategy=zero3",
         "train.optimizer=paged_adamw_8bit",
         "train.gradient_checkpointing=true",
-        "train.max_steps=6",
-        "train.save_steps=3",
+        "train.max_steps=4",
+        "train.save_steps=4",
     )
     assert_ok(result)
     args = torch.load(
-        run_dir / "checkpoints" / "checkpoint-6" / "training_args.bin", weights_only=False
+        run_dir / "checkpoints" / "checkpoint-4" / "training_args.bin", weights_only=False
     )
-    assert str(args.optim.value if hasattr(args.optim, "value") else args.optim) == "paged_adamw_8bit"
+    assert (
+        str(args.optim.value if hasattr(args.optim, "value") else args.optim) == "paged_adamw_8bit"
+    )
     assert args.gradient_checkpointing
     adapter = tensors(run_dir / "final" / "adapter_model.safetensors")
     assert adapter and all(t.numel() > 0 for t in adapter.values())
@@ -197,8 +192,14 @@ def test_dpo_on_preferences_with_the_recipe_chat_template(
         "val_split": 0.125,
         "chat_template": TEMPLATE,
     }
-    recipe["train"] |= {"max_steps": 6, "save_steps": 3, "global_batch_size": 8,
-                        "micro_batch_size": 2, "learning_rate": 1e-3}
+    recipe["train"] |= {
+        "max_steps": 4,
+        "save_steps": 4,
+        "logging_steps": 1,
+        "global_batch_size": 8,
+        "micro_batch_size": 2,
+        "learning_rate": 1e-3,
+    }
     recipe["eval"]["data"] = str(QUICKSTART.parent / recipe["eval"]["data"])
     path = tmp_path / "dpo.yaml"
     path.write_text(yaml.safe_dump(recipe))

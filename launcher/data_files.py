@@ -1,0 +1,197 @@
+"""Reading data files row by row, keeping each row's number for error messages.
+
+jsonl (one object per line), json (a list of objects), csv (with a header), parquet, or a
+hub dataset id (datasets.load_dataset, when the hub is reachable). Rows that cannot be read
+(malformed JSON, bytes that are not UTF-8, wrong shapes) come back as RowProblems with their
+1-based line (jsonl, csv) or item (json, parquet) number; a missing or empty file is a
+RecipeError.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import Problem, RecipeError
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """One invalid row: where it is (1-based line, or item for .json/.parquet) and what is wrong."""
+
+    source: str
+    row: int
+    problem: str
+
+    def render(self) -> str:
+        return f"{self.source}:{self.row}: {self.problem}"
+
+
+def is_local(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or source.endswith(LOCAL_SUFFIXES)
+
+
+def _decode_lines(raw: bytes, name: str) -> tuple[list[tuple[int, str]], list[RowProblem]]:
+    """Split into (1-based line number, text) with strict UTF-8 per line."""
+    lines, problems = [], []
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    for number, chunk in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(
+                RowProblem(
+                    name,
+                    number,
+                    f"not valid UTF-8 (byte 0x{chunk[exc.start]:02x} at column {exc.start + 1}); "
+                    "re-save the file as UTF-8",
+                )
+            )
+            continue
+        lines.append((number, text.rstrip("\r")))
+    return lines, problems
+
+
+def _read_jsonl(raw: bytes, name: str) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
+    lines, problems = _decode_lines(raw, name)
+    rows = []
+    for number, text in lines:
+        if not text.strip():
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            problems.append(
+                RowProblem(name, number, f"malformed JSON: {exc.msg} at column {exc.colno}")
+            )
+            continue
+        if not isinstance(value, dict):
+            problems.append(
+                RowProblem(name, number, f"expected a JSON object, got {type(value).__name__}")
+            )
+            continue
+        rows.append((number, value))
+    return rows, problems
+
+
+def _read_json(raw: bytes, name: str) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
+    try:
+        value = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return [], [RowProblem(name, line, "not valid UTF-8; re-save the file as UTF-8")]
+    except json.JSONDecodeError as exc:
+        return [], [RowProblem(name, exc.lineno, f"malformed JSON: {exc.msg}")]
+    if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
+        value = next(iter(value.values()))  # {"data": [...]}
+    if not isinstance(value, list):
+        return [], [RowProblem(name, 1, "expected a list of objects (or use .jsonl)")]
+    rows, problems = [], []
+    for number, item in enumerate(value, start=1):
+        if isinstance(item, dict):
+            rows.append((number, item))
+        else:
+            problems.append(
+                RowProblem(name, number, f"item is a {type(item).__name__}, not an object")
+            )
+    return rows, problems
+
+
+def _read_csv(raw: bytes, name: str) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
+    lines, problems = _decode_lines(raw, name)
+    if problems:  # bad lines are dropped before parsing; numbering stays that of the file
+        keep = {n for n, _ in lines}
+        text = "\n".join(t for n, t in lines if n in keep)
+    else:
+        text = "\n".join(t for _, t in lines)
+    reader = csv.DictReader(io.StringIO(text))
+    rows = []
+    line_of = [n for n, _ in lines]
+    try:
+        for record in reader:
+            physical = line_of[min(reader.line_num, len(line_of)) - 1]
+            if None in record:
+                problems.append(RowProblem(name, physical, "more fields than the header"))
+                continue
+            rows.append((physical, {k: v for k, v in record.items() if k is not None}))
+    except csv.Error as exc:
+        problems.append(RowProblem(name, reader.line_num, f"malformed CSV: {exc}"))
+    return rows, problems
+
+
+def _read_parquet(path: Path, name: str) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        return [], [RowProblem(name, 1, f"not a readable parquet file: {exc}")]
+    return [(i, row) for i, row in enumerate(table.to_pylist(), start=1)], []
+
+
+def _read_hub(source: str) -> list[tuple[int, Row]]:
+    try:
+        import datasets
+
+        split = datasets.load_dataset(source, split="train")
+    except Exception as exc:  # offline, missing, gated: all the same to a user
+        raise RecipeError(
+            [
+                Problem(
+                    "data",
+                    f"cannot load dataset {source!r}: {type(exc).__name__}: {str(exc)[:200]}",
+                    "use a local jsonl/json/csv/parquet file, or check the dataset id, the network "
+                    "(HF_HUB_OFFLINE) and HF_TOKEN",
+                    source,
+                )
+            ],
+            "data",
+        ) from None
+    return [(i, dict(row)) for i, row in enumerate(split, start=1)]
+
+
+def read_rows(
+    source: str, field_name: str = "data.train"
+) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
+    """(row number, row) pairs and unreadable rows. RecipeError: missing or empty file."""
+    if not is_local(source) and not Path(source).exists():
+        return _read_hub(source), []
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise RecipeError(
+            [Problem(field_name, f"data file not found: {path}", "check the path", source)], "data"
+        )
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise RecipeError(
+            [Problem(field_name, f"data file is empty: {path}", "give a file with rows", source)],
+            "data",
+        )
+    name = path.name
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        rows, problems = _read_csv(raw, name)
+    elif suffix == ".parquet":
+        rows, problems = _read_parquet(path, name)
+    elif suffix == ".json" and not raw.lstrip().startswith(b"{"):
+        rows, problems = _read_json(raw, name)
+    elif suffix == ".json":  # a .json file holding one object per line is common
+        rows, problems = _read_jsonl(raw, name)
+        if problems and not rows:
+            rows, problems = _read_json(raw, name)
+    else:
+        rows, problems = _read_jsonl(raw, name)
+    if not rows and not problems:
+        raise RecipeError(
+            [Problem(field_name, f"no rows in {path}", "give a file with rows", source)], "data"
+        )
+    return rows, problems
