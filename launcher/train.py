@@ -282,7 +282,10 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
         resumed_from=resume.path if resume else None,
         write_extras=write_extras,
     )
-    extra_callbacks: list[Any] = [callbacks.MetricsCallback(run_dir)]
+    from launcher.preemption import MARKER, SaveOnSignal
+
+    on_signal = SaveOnSignal()
+    extra_callbacks: list[Any] = [callbacks.MetricsCallback(run_dir), on_signal]
     if recipe.train.early_stopping_patience and eval_ds is not None:
         extra_callbacks.append(
             transformers.EarlyStoppingCallback(recipe.train.early_stopping_patience)
@@ -355,6 +358,13 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
         log.info("training done at step %d: %s", trainer.state.global_step, result.metrics)
         if hooks.skipped:
             log.warning("%d micro-batches with a non-finite loss were skipped", hooks.skipped)
+    if on_signal.stopped_at is not None:  # checkpointed for a requeue: no final/ yet
+        if main:
+            (run_dir / MARKER).write_text(json.dumps({"step": on_signal.stopped_at}))
+            log.info("stopped at step %d for a requeue", on_signal.stopped_at)
+        barrier()
+        del lock
+        return
     if eval_ds is not None and fmt == "classification":
         metrics = trainer.evaluate()
         if main:
@@ -375,18 +385,19 @@ def main(argv: list[str] | None = None) -> int:
     plan = load_plan(run_dir)
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(run_dir, rank)
-    code = 0
+    code, failure = 0, ""
     try:
         train(plan, run_dir, rank)
     except RecipeError as exc:  # bad data found on the rank
         log.error("%s", exc.render())
-        code = 2
+        code, failure = 2, exc.render()
     except Exception as exc:
-        log.error("training failed on rank %d: %s\n%s", rank, exc, traceback.format_exc())
+        failure = traceback.format_exc()
+        log.error("training failed on rank %d: %s\n%s", rank, exc, failure)
         code = 1
     if code:
         error = run_dir / "logs" / f"rank{rank}.error"
-        error.write_text(traceback.format_exc())
+        error.write_text(failure)
     logging.shutdown()
     return code
 
