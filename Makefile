@@ -11,8 +11,9 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 setup:
 	bash scripts/setup.sh
 
+RUN_DIR ?= runs/quickstart
 quickstart: setup
-	$(VENV)/bin/tune-launch recipes/quickstart.yaml
+	$(VENV)/bin/tune-launch recipes/quickstart.yaml --run-dir $(RUN_DIR)
 
 cluster-up:
 	bash cluster/testcluster/up.sh

@@ -136,10 +136,9 @@ def _stages(plan: Plan, backend: Any, stages: list[str], wait: bool) -> int:
 
 
 def _print_headline(results: dict[str, Any]) -> None:
-    models = results.get("models", {}) if isinstance(results, dict) else {}
-    for name, metrics in models.items():
+    for name, metrics in (results.get("metrics") or {}).items():
         if isinstance(metrics, dict) and "exact_match" in metrics:
-            print(f"  {name:>16}: exact match {metrics['exact_match']:.3f}")
+            print(f"  {name:>14}: exact match {metrics['exact_match']:.3f}", flush=True)
 
 
 def _setup_logging() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import logging
 import os
 import shlex
@@ -23,7 +22,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any, Literal
@@ -84,23 +82,32 @@ def log_tail(path: Path, lines: int = TAIL_LINES, redact: str | None = None) -> 
     return tail.replace(redact, "***") if redact else tail
 
 
-def _pdeathsig() -> Callable[[], None] | None:
-    """Have the kernel SIGTERM the server if this process dies without cleaning up (Linux).
-
-    Only from the main thread: the signal fires when the *thread* that started it exits."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not (
-        threading.main_thread()
-    ):
-        return None
+# Stops the server group when the process that started it dies without cleaning up (SIGKILL,
+# OOM killer): the watchdog notices it was re-parented, SIGTERMs the group, SIGKILLs it after
+# the grace period, and exits by itself as soon as the group is gone. (vLLM swallows a lone
+# SIGTERM to its API server while the engine starts, so the whole group is signalled.)
+WATCHDOG = """
+import os, signal, sys, time
+parent, group, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+def alive():
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not after fork
-    except (OSError, AttributeError):
-        return None
-
-    def _set() -> None:
-        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-
-    return _set
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+while alive():
+    if os.getppid() != parent:
+        os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if alive():
+            os.killpg(group, signal.SIGKILL)
+        break
+    time.sleep(1)
+"""
 
 
 class VLLMServer:
@@ -206,7 +213,13 @@ class VLLMServer:
             env=env,
             cwd=spec.work_dir if Path(spec.work_dir).is_dir() else None,
             start_new_session=True,  # its own process group: stop() signals all of it
-            preexec_fn=_pdeathsig(),  # prctl only: safe after fork
+        )
+        self._watchdog = subprocess.Popen(
+            [self.python, "-S", "-c", WATCHDOG, str(os.getpid()), str(self.proc.pid), str(self.grace_s)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # outside the group it guards
         )
         self.spawned |= _with_create_time([self.proc.pid])
         log.info(

@@ -4,6 +4,7 @@ terminated or killed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -107,21 +108,32 @@ def _start_parent(tiny_base: Path, work: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", PARENT, str(tiny_base), str(work)])
 
 
+def _names(procs: list[psutil.Process]) -> set[str]:
+    names = set()
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            names.add(proc.name())
+    return names
+
+
 def _wait_for_engine(parent: subprocess.Popen) -> tuple[int, dict[int, float]]:
-    """The parent's server pid and its processes, once its engine core has been spawned."""
-    deadline = time.monotonic() + 180
+    """The parent's server pid and its processes, once the whole tree is up: API server ->
+    VLLM::EngineCore -> VLLM::Worker (~45-60 s on 2 busy cores)."""
+    deadline = time.monotonic() + 240
     server_pid, seen = None, {}
     while time.monotonic() < deadline:
         children = psutil.Process(parent.pid).children()
         if children:
             server_pid = children[0].pid
-            family = [children[0], *children[0].children(recursive=True)]
-            seen |= {p.pid: p.create_time() for p in family}
-            if len(family) >= 2:  # the API server and its engine core are up
-                break
+            with contextlib.suppress(psutil.Error):
+                family = [children[0], *children[0].children(recursive=True)]
+                for proc in family:
+                    with contextlib.suppress(psutil.Error):
+                        seen[proc.pid] = proc.create_time()
+                if "VLLM::Worker" in _names(family):
+                    return server_pid, seen
         time.sleep(0.5)
-    assert server_pid, "the parent never started a server"
-    return server_pid, seen
+    raise AssertionError(f"no vLLM worker under the parent's server {server_pid} in time")
 
 
 def test_parent_death_leaves_no_orphan(tmp_path: Path, tiny_base: Path) -> None:
