@@ -50,6 +50,31 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._last = (time.monotonic(), state.num_input_tokens_seen or 0)
+        if state.is_world_process_zero:
+            self.rewind(state.global_step)
+
+    def rewind(self, step: int) -> None:
+        """Drop the records after `step` (the step this run starts from: 0, or the resumed
+        checkpoint's), and a torn last line: the steps an interrupted run logged after its
+        last complete checkpoint are trained again, and must appear once."""
+        if not self.path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                keep = isinstance(record, dict) and int(record.get("step") or 0) <= step
+            except ValueError:
+                keep = False
+            if keep:
+                kept.append(line + "\n")
+            elif line.strip():
+                dropped += 1
+        if dropped:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(self.path)
+            log.info("metrics.jsonl: dropped %d record(s) logged after step %d", dropped, step)
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any

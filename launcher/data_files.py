@@ -2,9 +2,9 @@
 
 jsonl (one object per line), json (a list of objects), csv (with a header), parquet, or a
 hub dataset id (datasets.load_dataset, when the hub is reachable). Rows that cannot be read
-(malformed JSON, bytes that are not UTF-8, wrong shapes) come back as RowProblems with their
-1-based line (jsonl, csv) or item (json, parquet) number; a missing or empty file is a
-RecipeError.
+(malformed JSON, bytes that are not UTF-8, a line over MAX_ROW_BYTES, wrong shapes) come back
+as RowProblems with their 1-based line (jsonl, csv) or item (json, parquet) number; a UTF-16/32
+file is one problem at line 1; a missing or empty file, or a directory, is a RecipeError.
 """
 
 from __future__ import annotations
@@ -19,6 +19,15 @@ from typing import Any
 from launcher.errors import Problem, RecipeError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# one row (a jsonl or csv line) larger than this is a broken file (lost line breaks), not data:
+# a 1M-token example is a few MB even with every character JSON-escaped
+MAX_ROW_BYTES = 16 * 2**20
+_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
 
 Row = dict[str, Any]
 
@@ -45,6 +54,16 @@ def _decode_lines(raw: bytes, name: str) -> tuple[list[tuple[int, str]], list[Ro
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     for number, chunk in enumerate(raw.split(b"\n"), start=1):
+        if len(chunk) > MAX_ROW_BYTES:
+            problems.append(
+                RowProblem(
+                    name,
+                    number,
+                    f"line of {len(chunk) / 2**20:.1f} MiB, more than the "
+                    f"{MAX_ROW_BYTES // 2**20} MiB a row may hold (lost line breaks?)",
+                )
+            )
+            continue
         try:
             text = chunk.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -166,6 +185,18 @@ def read_rows(
     if not is_local(source) and not Path(source).exists():
         return _read_hub(source), []
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise RecipeError(
+            [
+                Problem(
+                    field_name,
+                    f"{path} is a directory, not a data file",
+                    "name a jsonl/json/csv/parquet file",
+                    source,
+                )
+            ],
+            "data",
+        )
     if not path.is_file():
         raise RecipeError(
             [Problem(field_name, f"data file not found: {path}", "check the path", source)], "data"
@@ -178,6 +209,9 @@ def read_rows(
         )
     name = path.name
     suffix = path.suffix.lower()
+    encoding = next((enc for bom, enc in _BOMS.items() if raw.startswith(bom)), None)
+    if encoding and suffix != ".parquet":
+        return [], [RowProblem(name, 1, f"the file is {encoding}; re-save it as UTF-8")]
     if suffix == ".csv":
         rows, problems = _read_csv(raw, name)
     elif suffix == ".parquet":

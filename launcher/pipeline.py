@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import Problem, RecipeError
+from launcher.errors import Problem, RecipeError, RunError
 from launcher.plan import Plan
 from launcher.rundir import ensure_base, write_run_dir
 
@@ -60,8 +60,8 @@ def check_disk(plan: Plan) -> None:
     if free >= need:
         return
     message = (
-        f"free disk {free / 1e9:.2f} GB in {plan.run_dir} is short of the "
-        f"{need / 1e9:.2f} GB the plan's checkpoints need (keep_last={plan.recipe.train.keep_last})"
+        f"free disk {_size(free)} in {plan.run_dir} is short of the "
+        f"{_size(need)} the plan's checkpoints need (keep_last={plan.recipe.train.keep_last})"
     )
     if plan.recipe.train.min_free_disk == "warn":
         log.warning(message)
@@ -77,6 +77,26 @@ def check_disk(plan: Plan) -> None:
         ],
         f"recipe {plan.name}",
     )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _write_run_dir(plan: Plan) -> None:
+    """The run directory's files and the tiny base model; a full or read-only disk is a
+    failed run with the reason (exit 1), not a traceback."""
+    try:
+        write_run_dir(plan)
+        ensure_base(plan)
+    except Exception as exc:  # OSError; safetensors raises its own SafetensorError
+        hint = ""
+        if "No space left" in str(exc) or getattr(exc, "errno", None) == 28:
+            hint = "; free disk space or use another --run-dir"
+        log.debug("writing %s failed", plan.run_dir, exc_info=True)
+        raise RunError(
+            f"could not write the run directory {plan.run_dir}: {type(exc).__name__}: {exc}{hint}"
+        ) from None
 
 
 def run_pipeline(plan: Plan, *, stages: list[str], wait: bool) -> int:
@@ -103,8 +123,7 @@ def _stages(plan: Plan, backend: Any, stages: list[str], wait: bool) -> int:
 
         validate_data(recipe)  # bad rows / missing files: exit 2 before any process starts
         check_disk(plan)
-        write_run_dir(plan)
-        ensure_base(plan)
+        _write_run_dir(plan)
         log.info(
             "training %s (%s, %d process(es)) in %s",
             plan.name,

@@ -8,6 +8,7 @@ the concrete DeepSpeed / accelerate / launch configs. Ranks read only `plan.json
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -308,6 +309,46 @@ def _compat(
     return quant_storage
 
 
+_SBATCH_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def _script_safe(recipe: Recipe, run_dir: str, problems: list[Problem]) -> None:
+    """Values rendered into `#SBATCH` lines (and launch.sh) must stay on their line: a line
+    break would end the directive and bash would run the rest of it as a command. Spaces,
+    quotes, `$(...)` and backticks are quoted where they land; control characters are not."""
+    res = recipe.resources
+    values: dict[str, str | None] = {
+        "run_dir": run_dir,
+        "resources.partition": res.partition,
+        "resources.account": res.account,
+        "resources.qos": res.qos,
+        "resources.constraint": res.constraint,
+        "resources.gpu_type": res.gpu_type,
+    }
+    for key, value in res.sbatch_extra.items():
+        if not _SBATCH_OPTION.fullmatch(key):
+            problems.append(
+                Problem(
+                    "resources.sbatch_extra",
+                    f"{key!r} is not an sbatch option name",
+                    "use the long option without dashes, e.g. mail-type",
+                    key,
+                )
+            )
+        values[f"resources.sbatch_extra.{key}"] = str(value)
+    for path, value in values.items():
+        if value and any(ord(c) < 32 or ord(c) == 127 for c in value):
+            problems.append(
+                Problem(
+                    path if path != "run_dir" or recipe.run_dir else "--run-dir",
+                    "contains a line break or control character; in the job script it would "
+                    "end the line and run the rest as a shell command",
+                    "remove it",
+                    value,
+                )
+            )
+
+
 def _serve_choice(recipe: Recipe, shape: arch.ModelShape | None) -> dict[str, Any]:
     """vLLM tensor-parallel size: the smallest divisor of the head count that fits the weights."""
     serve = recipe.serve
@@ -341,6 +382,7 @@ def resolve(recipe: Recipe, facts: ClusterFacts) -> Plan:
     shape = _shape(recipe, facts)
     mbs, gas = _batch(recipe, world, problems)
     quant_storage = _compat(recipe, shape, facts, problems, warnings)
+    _script_safe(recipe, facts.run_dir, problems)
     if problems:
         raise RecipeError(problems, f"recipe {recipe.name}")
 

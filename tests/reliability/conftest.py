@@ -1,17 +1,20 @@
 """Helpers for the reliability tier: the real CLI as a background process, the process
-table, waiting on a run directory.
+table, waiting on a run directory, the SLURM test cluster.
 
 Every fault here is injected for real (signals to real processes, a real small filesystem,
 real bytes in data files); each test records its fault class with
-`record_property("fault_class", ...)`, which lands in the junit XML that
+`record_property("fault_class", ...)` (and, for a weakness found but not failed on,
+`record_property("finding", ...)`), which land in the junit XML that
 scripts/reliability_report.py turns into docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -27,15 +30,16 @@ VENV_PY = REPO / ".venv" / "bin" / "python"
 PYTHON = str(VENV_PY if VENV_PY.exists() else Path(sys.executable))
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 TRAIN_DATA = REPO / "recipes" / "data" / "quickstart_train.jsonl"
-# short quickstart runs: LoRA, ZeRO-2, 2 processes on gloo; a checkpoint every 10 steps,
-# no validation split (the eval pass would only cost time)
-SHORT = [
+# short quickstart runs (tiny Llama, LoRA, ZeRO-2, 2 processes on gloo): a checkpoint every
+# 10 steps, no validation split and no serve/eval (they would only cost time)
+SHORT = (
     "train.save_steps=10",
     "train.logging_steps=5",
     "data.val_split=0",
     "serve.enabled=false",
     "eval.enabled=false",
-]
+)
+SLURM_2_NODES = ("--backend", "slurm", "--nodes", "2", "--gpus-per-node", "1", "--wait")
 T = TypeVar("T")
 
 
@@ -51,8 +55,17 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def cli_argv(run_dir: Path | None, *sets: str, recipe: Path = QUICKSTART, extra: tuple[str, ...] = ()) -> list[str]:
-    argv = [PYTHON, "-m", "launcher.cli", "run", str(recipe), "--stages", "train", *extra]
+def cli_argv(
+    run_dir: Path | None,
+    *sets: str,
+    recipe: Path = QUICKSTART,
+    extra: tuple[str, ...] = (),
+    command: str = "run",
+) -> list[str]:
+    argv = [PYTHON, "-m", "launcher.cli", command, str(recipe)]
+    if command == "run":
+        argv += ["--stages", "train"]
+    argv += list(extra)
     if run_dir is not None:
         argv += ["--run-dir", str(run_dir)]
     for assignment in sets:
@@ -66,13 +79,27 @@ def run_cli(
     recipe: Path = QUICKSTART,
     env: dict[str, str] | None = None,
     extra: tuple[str, ...] = (),
+    command: str = "run",
+    cwd: Path = REPO,
     timeout: float = 420,
 ) -> subprocess.CompletedProcess[str]:
     """`tune-launch run RECIPE --stages train [--run-dir DIR] --set ...`, as a user runs it."""
     return subprocess.run(
-        cli_argv(run_dir, *sets, recipe=recipe, extra=extra),
-        cwd=REPO,
+        cli_argv(run_dir, *sets, recipe=recipe, extra=extra, command=command),
+        cwd=cwd,
         env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tune(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Any other `tune-launch` command (status, logs, cancel)."""
+    return subprocess.run(
+        [PYTHON, "-m", "launcher.cli", *args],
+        cwd=REPO,
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -82,26 +109,23 @@ def run_cli(
 class Background:
     """`tune-launch` in the background, its output in files (a pipe could fill and block)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], out_dir: Path) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str], out_dir: Path, cwd: Path = REPO
+    ) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.stdout_path = out_dir / "stdout.txt"
         self.stderr_path = out_dir / "stderr.txt"
-        self._out = self.stdout_path.open("wb")
-        self._err = self.stderr_path.open("wb")
-        self.proc = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err
-        )
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err
+            )
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        finally:
-            self._out.close()
-            self._err.close()
+        return self.proc.wait(timeout=timeout)
 
     @property
     def stderr(self) -> str:
@@ -123,10 +147,13 @@ class Background:
             self.proc.wait(timeout=30)
 
 
+Starter = Callable[..., Background]
+
+
 @pytest.fixture
-def background(tmp_path: Path) -> Iterator[Callable[..., Background]]:
-    """Start `tune-launch` processes in the background; whatever is left is killed at the end
-    (with its run's ranks), so a failing test never leaves training behind."""
+def background(tmp_path: Path) -> Iterator[Starter]:
+    """Start `tune-launch` in the background; whatever is left at the end is killed (with
+    every process of its run directory), so a failing test never leaves training behind."""
     started: list[tuple[Background, Path | None]] = []
 
     def start(
@@ -137,7 +164,8 @@ def background(tmp_path: Path) -> Iterator[Callable[..., Background]]:
         extra: tuple[str, ...] = (),
     ) -> Background:
         out = tmp_path / f"cli-{len(started)}"
-        job = Background(cli_argv(run_dir, *sets, recipe=recipe, extra=extra), env or cli_env(), out)
+        argv = cli_argv(run_dir, *sets, recipe=recipe, extra=extra)
+        job = Background(argv, env or cli_env(), out)
         started.append((job, run_dir))
         return job
 
@@ -145,15 +173,9 @@ def background(tmp_path: Path) -> Iterator[Callable[..., Background]]:
     for job, run_dir in started:
         job.kill()
         if run_dir is not None:
-            for proc in run_processes(run_dir):
-                with_suppress_kill(proc)
-
-
-def with_suppress_kill(proc: psutil.Process) -> None:
-    try:
-        proc.kill()
-    except psutil.Error:
-        pass
+            for proc in mentioning(run_dir):
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, poll: float = 0.2) -> T:
@@ -166,7 +188,7 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, poll: float 
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _cmdline(proc: psutil.Process) -> list[str]:
+def cmdline(proc: psutil.Process) -> list[str]:
     try:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return []
@@ -175,23 +197,19 @@ def _cmdline(proc: psutil.Process) -> list[str]:
         return []
 
 
-def run_processes(run_dir: Path) -> list[psutil.Process]:
-    """Live launcher.train / torch.distributed.run processes of this run directory."""
-    found = []
-    key = str(run_dir)
-    for proc in psutil.process_iter():
-        argv = _cmdline(proc)
-        if key in argv and ("launcher.train" in argv or "torch.distributed.run" in argv):
-            found.append(proc)
-    return found
+def mentioning(run_dir: Path) -> list[psutil.Process]:
+    """Every live process (but this one) whose command line mentions the run directory:
+    ranks, torchrun, submitit's task runner, a tune-launch still following the job."""
+    key, me = str(run_dir), os.getpid()
+    return [p for p in psutil.process_iter() if p.pid != me and any(key in a for a in cmdline(p))]
 
 
 def rank_processes(run_dir: Path) -> dict[int, psutil.Process]:
-    """rank -> the training process of that rank (not torchrun itself)."""
+    """rank -> the training process of that rank (`python -m launcher.train RUN_DIR`)."""
     ranks = {}
-    for proc in run_processes(run_dir):
-        argv = _cmdline(proc)
-        if "torch.distributed.run" in argv:
+    for proc in mentioning(run_dir):
+        argv = cmdline(proc)
+        if "launcher.train" not in argv or "torch.distributed.run" in argv:
             continue
         try:
             rank = proc.environ().get("RANK")
@@ -202,14 +220,33 @@ def rank_processes(run_dir: Path) -> dict[int, psutil.Process]:
     return ranks
 
 
+def alive(pids: list[int]) -> list[int]:
+    """The pids of `pids` still running (a zombie counts as gone)."""
+    found = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                found.append(pid)
+    return found
+
+
 def assert_no_leftovers(run_dir: Path, within_s: float = 30) -> None:
+    """No process of the run is left: none mentions the run directory on its command line."""
     deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        left = run_processes(run_dir)
-        if not left:
-            return
+    while True:
+        left = [(p.pid, cmdline(p)) for p in mentioning(run_dir)]
+        if not left or time.monotonic() > deadline:
+            break
         time.sleep(0.5)
-    raise AssertionError(f"processes left behind: {[(p.pid, _cmdline(p)) for p in left]}")
+    assert not left, f"processes left behind: {left}"
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    found = []
+    for path in (run_dir / "checkpoints").glob("checkpoint-*"):
+        if (path / "COMPLETE").is_file():
+            found.append(int(path.name.removeprefix("checkpoint-")))
+    return sorted(found)
 
 
 def complete(run_dir: Path, step: int) -> bool:
@@ -227,6 +264,12 @@ def loss_steps(run_dir: Path) -> list[int]:
     return [int(m["step"]) for m in metrics(run_dir) if m.get("loss") is not None]
 
 
+def resumed_step(log_text: str) -> int | None:
+    """The step a run resumed from, from train.py's `resuming from .../checkpoint-N (step N)`."""
+    found = re.findall(r"resuming from \S*checkpoint-(\d+) \(step (\d+)\)", log_text)
+    return int(found[-1][1]) if found else None
+
+
 def explain(result: subprocess.CompletedProcess[str]) -> str:
     return (
         f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n"
@@ -234,5 +277,27 @@ def explain(result: subprocess.CompletedProcess[str]) -> str:
     )
 
 
-def send(pid: int, sig: signal.Signals) -> None:
-    os.kill(pid, sig)
+def job_record(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "job.json").read_text())
+
+
+def require_slurm() -> None:
+    """Skip (with the reason) unless the SLURM test cluster answers with 2 usable nodes."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        pytest.skip("SLURM not installed (no sinfo/sbatch); run cluster/testcluster/up.sh")
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    if "is UP" not in ping.stdout:
+        pytest.skip("slurmctld does not answer `scontrol ping`; run cluster/testcluster/up.sh")
+    nodes = subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=30
+    ).stdout.splitlines()
+    usable = [line for line in nodes if re.search(r"\s(idle|mix|alloc|comp)", line)]
+    if len(usable) < 2:
+        pytest.skip(f"the SLURM test cluster needs 2 usable nodes, sinfo says: {nodes}")
+
+
+def squeue_has(job_id: str) -> bool:
+    out = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+    return bool(out)

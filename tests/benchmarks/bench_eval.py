@@ -1,0 +1,83 @@
+"""5. Evaluation throughput: `tune-launch eval --endpoint` vs the same requests one at a time.
+
+One real vLLM server (CPU build) on a tiny Llama, served under the run's name. Ours is
+`serve.eval.eval_run(run_dir, endpoint=...)` end to end with the recipe's eval.concurrency
+(8): greedy chat completions, the train/serve contract check and the reference
+perplexities. The baseline is the very same requests sent one at a time: the same eval_run
+with eval.concurrency=1 (so both sides send identical request sets). One untimed warm-up
+round each first (vLLM's first batches of a shape are slow), then alternating repetitions.
+Target: ours >= 2x the baseline's examples/s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from tests.benchmarks.common import PY, ROOT, median, run_timed
+
+NAME = "eval_throughput"
+DATA = ROOT / "recipes/data/quickstart_train.jsonl"
+
+
+def run(smoke: bool) -> dict[str, object]:
+    from launcher.rundir import load_plan
+    from launcher.tiny import write_tiny
+    from serve.eval import eval_run
+    from serve.examples import held_out
+    from serve.spec import spec_for_model_dir
+    from serve.vllm import VLLMServer
+
+    reps, examples = (1, 16) if smoke else (3, 60)
+    work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    base = write_tiny("llama", work / "model", corpus_files=[str(DATA)])
+    run_dir = work / "run"
+    dry = run_timed([
+        PY, "-m", "launcher.cli", "run", str(ROOT / "recipes/quickstart.yaml"), "--dry-run",
+        "--run-dir", str(run_dir), "--set", f"model.name_or_path={base}",
+        "--set", "eval.compare_base=false", "--set", f"eval.max_examples={examples}",
+        "--set", "eval.max_tokens=16",
+    ])
+    assert dry.returncode == 0, dry.output[-2000:]
+    plan = load_plan(run_dir)
+    items, _, _ = held_out(plan.recipe)
+    spec = dataclasses.replace(spec_for_model_dir(base, work_dir=work / "serve", port=0),
+                               served_name=plan.name)
+    serial_dir = work / "run-serial"
+    dry = run_timed([
+        PY, "-m", "launcher.cli", "run", str(ROOT / "recipes/quickstart.yaml"), "--dry-run",
+        "--run-dir", str(serial_dir), "--set", f"model.name_or_path={base}",
+        "--set", "eval.compare_base=false", "--set", f"eval.max_examples={examples}",
+        "--set", "eval.max_tokens=16", "--set", "eval.concurrency=1",
+    ])
+    assert dry.returncode == 0, dry.output[-2000:]
+    ours_s: list[float] = []
+    base_s: list[float] = []
+    with VLLMServer(spec, log_path=work / "server.log") as server:
+        eval_run(run_dir, endpoint=server.url)  # warm-up, untimed
+        eval_run(serial_dir, endpoint=server.url)
+        for _ in range(reps):  # alternate ours / baseline on the same warm server
+            start = time.perf_counter()
+            results = eval_run(run_dir, endpoint=server.url)
+            ours_s.append(time.perf_counter() - start)
+            assert results["data"]["examples"] == len(items)
+            start = time.perf_counter()
+            eval_run(serial_dir, endpoint=server.url)
+            base_s.append(time.perf_counter() - start)
+    n = len(items)
+    ours_rate, base_rate = n / median(ours_s), n / median(base_s)
+    shutil.rmtree(work, ignore_errors=True)
+    return {
+        "name": NAME,
+        "repetitions": reps,
+        "examples": n,
+        "ours_examples_per_s": ours_rate,
+        "baseline_examples_per_s": base_rate,
+        "ratio": ours_rate / base_rate,
+        "headline": {"ratio": ours_rate / base_rate},
+        "target": "tune-launch eval >= 2x the same requests sent one at a time",
+        "met": ours_rate / base_rate >= 2.0,
+    }
