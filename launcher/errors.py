@@ -6,6 +6,7 @@ it and exits 2 without a traceback. `RunError` is a run that failed (exit 1).
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +31,14 @@ class Problem:
         return line
 
 
+# a bounded repr: the value seen may be huge (a YAML alias bomb expands to millions of items)
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 3, 8, 8, 8, 8
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 200
+
+
 def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

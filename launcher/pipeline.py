@@ -161,6 +161,8 @@ def _print_headline(results: dict[str, Any]) -> None:
 
 
 def _setup_logging() -> None:
+    for noisy in ("httpx", "httpx2", "openai"):  # one line per request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if not logging.getLogger().handlers:
         logging.basicConfig(
             stream=sys.stderr, level=logging.INFO, format="[tune-launch] %(message)s"

@@ -3,8 +3,9 @@ table, waiting on a run directory, the SLURM test cluster.
 
 Every fault here is injected for real (signals to real processes, a real small filesystem,
 real bytes in data files); each test records its fault class with
-`record_property("fault_class", ...)` (and, for a weakness found but not failed on,
-`record_property("finding", ...)`), which land in the junit XML that
+`record_property("fault_class", ...)` or the `fault_class("...")` marker (for hypothesis
+tests, whose body runs many times), and a weakness found but not failed on with
+`record_property("finding", ...)`; both land in the junit XML that
 scripts/reliability_report.py turns into docs/reliability.md.
 """
 
@@ -41,6 +42,19 @@ SHORT = (
 )
 SLURM_2_NODES = ("--backend", "slurm", "--nodes", "2", "--gpus-per-node", "1", "--wait")
 T = TypeVar("T")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fault_class(name): the fault or input class a reliability test injects"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _fault_class_marker(request: pytest.FixtureRequest, record_property: Any) -> None:
+    marker = request.node.get_closest_marker("fault_class")
+    if marker is not None:
+        record_property("fault_class", marker.args[0])
 
 
 def cli_env(**extra: str) -> dict[str, str]:
