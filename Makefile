@@ -38,3 +38,7 @@ bench: setup
 
 bench-smoke: setup
 	$(PY) tests/benchmarks/run_all.py --smoke
+
+# the reliability tier (faults, bad input, secrets), then docs/reliability.md
+reliability-report: setup cluster-up
+	$(PY) scripts/reliability_report.py

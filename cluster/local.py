@@ -143,6 +143,16 @@ def failing_rank(run_dir: Path, output: str, since: float) -> int | None:
     return min(errors)[1] if errors else None
 
 
+def root_cause_signal(output: str) -> str | None:
+    """The signal that killed the first failing rank, from torchrun's root-cause report
+    (`exitcode  : -9 (pid: N)  (SIGKILL)`): a rank killed from outside writes no error."""
+    root = output.rfind("Root Cause")
+    if root < 0:
+        return None
+    match = re.search(r"exitcode\s*:\s*-\d+[^\n]*\((SIG[A-Z0-9]+)\)", output[root:])
+    return match[1] if match else None
+
+
 def tail(path: Path, lines: int = TAIL_LINES) -> str:
     if not path.is_file():
         return ""
@@ -220,7 +230,9 @@ class LocalBackend:
                     return 130 if self._stop_signal == signal.SIGINT else 1
                 rank = failing_rank(run_dir, output, started)
                 where = f"rank {rank}" if rank is not None else "the launcher"
-                record.error = f"{where} failed (exit code {code}) on attempt {attempt}"
+                killed = root_cause_signal(output)
+                how = f"killed by {killed}, " if killed else ""
+                record.error = f"{where} failed ({how}exit code {code}) on attempt {attempt}"
                 if attempt < attempts:
                     log.warning(
                         "%s; restarting from the last complete checkpoint (restart %d of %d)",

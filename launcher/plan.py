@@ -280,14 +280,24 @@ def _compat(
         )
     for key in recipe.env:
         if key in recipe.secrets:
-            problems.append(Problem(
-                f"env.{key}", "a secret written into the recipe would land in plans and scripts",
-                f"remove it from the recipe and export {key} in the submitting shell "
-                "(secrets reach the job through the environment only)", "<redacted>",
-            ))
+            problems.append(
+                Problem(
+                    f"env.{key}",
+                    "a secret written into the recipe would land in plans and scripts",
+                    f"remove it from the recipe and export {key} in the submitting shell "
+                    "(secrets reach the job through the environment only)",
+                    "<redacted>",
+                )
+            )
         elif not key.replace("_", "a").isalnum() or key[0].isdigit():
-            problems.append(Problem(f"env.{key}", "not an environment variable name",
-                                    "use letters, digits and _", key))
+            problems.append(
+                Problem(
+                    f"env.{key}",
+                    "not an environment variable name",
+                    "use letters, digits and _",
+                    key,
+                )
+            )
     if train.max_steps and train.save_steps > train.max_steps:
         warnings.append(
             f"train.save_steps={train.save_steps} > max_steps={train.max_steps}: only the final save happens"
@@ -325,7 +335,7 @@ def _script_safe(recipe: Recipe, run_dir: str, problems: list[Problem]) -> None:
         "resources.constraint": res.constraint,
         "resources.gpu_type": res.gpu_type,
     }
-    for key, value in res.sbatch_extra.items():
+    for key, option in res.sbatch_extra.items():
         if not _SBATCH_OPTION.fullmatch(key):
             problems.append(
                 Problem(
@@ -335,7 +345,7 @@ def _script_safe(recipe: Recipe, run_dir: str, problems: list[Problem]) -> None:
                     key,
                 )
             )
-        values[f"resources.sbatch_extra.{key}"] = str(value)
+        values[f"resources.sbatch_extra.{key}"] = str(option)
     for path, value in values.items():
         if value and any(ord(c) < 32 or ord(c) == 127 for c in value):
             problems.append(

@@ -19,7 +19,10 @@ def test_make_quickstart_end_to_end(tmp_path: Path) -> None:
     run_dir = tmp_path / "quickstart"
     proc = subprocess.run(
         ["make", "-s", "quickstart", f"RUN_DIR={run_dir}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1500,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -32,7 +35,7 @@ def test_make_quickstart_end_to_end(tmp_path: Path) -> None:
     fine, base = metrics["finetuned"]["exact_match"], metrics["base"]["exact_match"]
     assert fine > base, metrics
     assert fine >= 0.6, metrics  # the quickstart task is learnable: ~0.85 measured
-    assert f"{fine:.3f}" in report  # the report shows what results.json holds
+    assert f"| {fine:.4f} |" in report  # the report shows what results.json holds
     # the train/serve contract: the server tokenizes the chat prompt as training did, stops at EOS
     assert results["contract"].get("ok") is True, results["contract"]
     losses = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -234,6 +234,16 @@ def rank_processes(run_dir: Path) -> dict[int, psutil.Process]:
     return ranks
 
 
+def wait_ranks(run_dir: Path, count: int = 2, timeout: float = 400) -> dict[int, psutil.Process]:
+    """The run's `count` rank processes, once they all run."""
+
+    def found() -> dict[int, psutil.Process]:
+        ranks = rank_processes(run_dir)
+        return ranks if len(ranks) == count else {}
+
+    return wait_for(found, timeout, f"{count} ranks of {run_dir}")
+
+
 def alive(pids: list[int]) -> list[int]:
     """The pids of `pids` still running (a zombie counts as gone)."""
     found = []

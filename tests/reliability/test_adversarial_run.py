@@ -34,8 +34,7 @@ from .conftest import (
     loss_steps,
     mentioning,
     metrics,
-    rank_processes,
-    wait_for,
+    wait_ranks,
 )
 
 pytestmark = [pytest.mark.train, pytest.mark.timeout(900)]
@@ -95,9 +94,7 @@ def hostile_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     job = Background(cli_argv(None, recipe=path), env, root / "cli", cwd=cwd)
     seen: dict[str, Any] = {"run_dir": run_dir, "root": root, "cwd": cwd, "environ": {}}
     try:
-        ranks = wait_for(
-            lambda: len(rank_processes(run_dir)) == 2 and rank_processes(run_dir), 400, "2 ranks"
-        )
+        ranks = wait_ranks(run_dir, 2, 400)
         for rank, process in ranks.items():
             seen["environ"][rank] = process.environ()
         seen["argv"] = [" ".join(cmdline(p)) for p in mentioning(run_dir)]
@@ -117,9 +114,7 @@ def _explain(run: dict[str, Any]) -> str:
 def test_hostile_paths_and_env_values_train_and_execute_nothing(
     hostile_run: dict[str, Any], record_property
 ) -> None:
-    record_property(
-        "fault_class", "injection: run dir, data path, env value (real local training)"
-    )
+    record_property("fault_class", "injection: run dir, data path, env value (real local training)")
     run = hostile_run
     assert run["code"] == 0, _explain(run)
     run_dir: Path = run["run_dir"]
@@ -130,9 +125,7 @@ def test_hostile_paths_and_env_values_train_and_execute_nothing(
     assert not markers(run["root"], run["cwd"], REPO), markers(run["root"], run["cwd"], REPO)
 
 
-def test_secrets_reach_the_ranks_and_no_file(
-    hostile_run: dict[str, Any], record_property
-) -> None:
+def test_secrets_reach_the_ranks_and_no_file(hostile_run: dict[str, Any], record_property) -> None:
     record_property("fault_class", "secrets: HF_TOKEN, WANDB_API_KEY, recipe secret (local)")
     run = hostile_run
     assert run["code"] == 0, _explain(run)

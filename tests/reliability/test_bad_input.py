@@ -32,7 +32,9 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def _malformed(tmp: Path) -> Path:
-    broken = ROWS[0] + '{"instruction": "x", "output": \n' + ROWS[2] + "[1, 2]\n" + "".join(ROWS[4:])
+    broken = (
+        ROWS[0] + '{"instruction": "x", "output": \n' + ROWS[2] + "[1, 2]\n" + "".join(ROWS[4:])
+    )
     return _write(tmp / "malformed.jsonl", broken.encode())
 
 
@@ -78,7 +80,10 @@ CASES = {
     "blank_lines_only": (_blank, ["data file is empty"]),
     "huge_50mb_line": (_huge_line, ["huge.jsonl:2: line of 47.7 MiB"]),
     "directory_not_file": (_directory, ["is a directory, not a data file"]),
-    "wrong_types": (_wrong_shape, ["shape.jsonl:2: field 'instruction' must be a string", "shape.jsonl:3:"]),
+    "wrong_types": (
+        _wrong_shape,
+        ["shape.jsonl:2: field 'instruction' must be a string", "shape.jsonl:3:"],
+    ),
 }
 
 

@@ -63,9 +63,7 @@ def test_too_small_disk_warns_then_fails_cleanly_when_it_fills(
 ) -> None:
     record_property("fault_class", "disk too small (tmpfs 2 MiB), min_free_disk=warn")
     run_dir = small_fs / "run"
-    result = run_cli(
-        run_dir, *SHORT, "train.max_steps=20", "train.min_free_disk=warn", timeout=300
-    )
+    result = run_cli(run_dir, *SHORT, "train.max_steps=20", "train.min_free_disk=warn", timeout=300)
     err = result.stderr
     warned = [line for line in err.splitlines() if "free disk" in line]
     assert warned and "short of" in warned[0], err

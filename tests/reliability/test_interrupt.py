@@ -24,7 +24,6 @@ from .conftest import (
     SHORT,
     Background,
     alive,
-    assert_no_leftovers,
     cli_argv,
     cli_env,
     complete,
@@ -36,6 +35,7 @@ from .conftest import (
     resumed_step,
     run_cli,
     wait_for,
+    wait_ranks,
 )
 
 pytestmark = [pytest.mark.train, pytest.mark.timeout(900)]
@@ -74,7 +74,7 @@ def sequence(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         run1 = Background(cli_argv(run_dir, *SETS), cli_env(), root / "run1")
         jobs.append(run1)
         wait_for(lambda: complete(run_dir, 10), 400, "checkpoint-10 of run 1")
-        wait_for(lambda: len(rank_processes(run_dir)) == 2, 60, "2 ranks")
+        wait_ranks(run_dir, 2, 60)
         before = {p.pid for p in mentioning(run_dir)}
         second = run_cli(run_dir, *SETS, timeout=180)
         seen["second"] = {
@@ -91,7 +91,7 @@ def sequence(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         jobs.append(run2)
         start = max(seen["sigint"]["complete"])
         wait_for(lambda: complete(run_dir, start + 10), 400, f"checkpoint-{start + 10} of run 2")
-        wait_for(lambda: len(rank_processes(run_dir)) == 2, 60, "2 ranks")
+        wait_ranks(run_dir, 2, 60)
         seen["sigterm"] = _stop(run2, run_dir, signal.SIGTERM)
         seen["sigterm"]["leftovers"] = [p.pid for p in mentioning(run_dir)]
 

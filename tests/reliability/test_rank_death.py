@@ -26,12 +26,12 @@ from .conftest import (
     job_record,
     loss_steps,
     mentioning,
-    rank_processes,
     require_slurm,
     resumed_step,
     squeue_has,
     tune,
     wait_for,
+    wait_ranks,
 )
 
 pytestmark = [pytest.mark.train, pytest.mark.timeout(900)]
@@ -42,7 +42,7 @@ NOTICE_S = 60  # the launcher must notice a dead rank within this
 def _kill_rank_after_first_checkpoint(run_dir: Path, rank: int) -> tuple[list[int], float]:
     """SIGKILL `rank` once checkpoint-10 is complete; returns the run's pids and the time."""
     wait_for(lambda: complete(run_dir, 10), 400, "checkpoint-10")
-    ranks = wait_for(lambda: len(rank_processes(run_dir)) == 2 and rank_processes(run_dir), 60, "2 ranks")
+    ranks = wait_ranks(run_dir, 2, 60)
     pids = [p.pid for p in mentioning(run_dir)]
     ranks[rank].send_signal(signal.SIGKILL)
     return pids, time.monotonic()
@@ -61,7 +61,7 @@ def test_sigkill_of_a_rank_stops_the_run_naming_it(
     assert code == 1, job.explain()
     assert took < NOTICE_S, f"the launcher took {took:.0f} s to notice"
     err = job.stderr
-    assert "rank 1 failed" in err, job.explain()
+    assert "rank 1 failed (killed by SIGKILL" in err, job.explain()
     # the dead rank's last log lines are quoted
     assert f"last lines of {run_dir}/logs/rank1.log" in err, job.explain()
     last_line = [x for x in (run_dir / "logs" / "rank1.log").read_text().splitlines() if x.strip()]
@@ -111,7 +111,7 @@ def test_sigkill_of_a_rank_on_one_slurm_node_fails_the_job(
     run_dir = tmp_path / "run"
     job = background(run_dir, *SHORT, "train.max_steps=200", extra=SLURM_2_NODES)
     wait_for(lambda: complete(run_dir, 10), 600, "checkpoint-10 (is the SLURM job running?)")
-    ranks = wait_for(lambda: len(rank_processes(run_dir)) == 2 and rank_processes(run_dir), 60, "2 ranks")
+    ranks = wait_ranks(run_dir, 2, 60)
     victim = ranks[1]
     node = victim.environ().get("SLURMD_NODENAME")
     pids = [p.pid for p in mentioning(run_dir) if p.pid != job.pid]

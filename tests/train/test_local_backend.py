@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster.base import JobRecord
-from cluster.local import LocalBackend, run_dir_lock
+from cluster.local import LocalBackend
 from launcher.errors import RunError
 from launcher.plan import ClusterFacts, Plan, resolve
 from launcher.recipe import load_recipe, localize
@@ -100,8 +100,28 @@ def test_restarts_launch_again(tmp_path: Path) -> None:
 
 def test_a_second_run_in_the_same_directory_is_refused(tmp_path: Path) -> None:
     plan = fake_plan(tmp_path, "ok")
-    with run_dir_lock(Path(plan.run_dir)), pytest.raises(RunError, match="in use by another run"):
-        LocalBackend().submit(plan)
+    Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
+    # the lock is re-entrant within one process (the pipeline holds it around the backend),
+    # so "another run" is another process holding it
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from cluster.local import run_dir_lock\n"
+            "with run_dir_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)",
+            plan.run_dir,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunError, match="in use by another run"):
+            LocalBackend().submit(plan)
+    finally:
+        holder.kill()
+        holder.wait()
     assert LocalBackend().submit(plan) == 0  # the lock went with its holder
 
 
