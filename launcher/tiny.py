@@ -97,6 +97,29 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int, encoder: bool = Fals
     return fast
 
 
+def decoder_config(shape: ModelShape, **extra: Any) -> Any:
+    """The transformers config of a decoder shape (llama, mistral, qwen2)."""
+    import transformers
+
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+    }[shape.model_type]
+    return cls(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        max_position_embeddings=shape.max_position_embeddings,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        **extra,
+    )
+
+
 def _config(arch: str, shape: ModelShape, tok: Any, num_labels: int) -> Any:
     import transformers
 
@@ -111,21 +134,8 @@ def _config(arch: str, shape: ModelShape, tok: Any, num_labels: int) -> Any:
             pad_token_id=tok.pad_token_id,
             num_labels=num_labels,  # type: ignore[call-arg]
         )
-    cls = {
-        "llama": transformers.LlamaConfig,
-        "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config,
-    }[arch]
-    return cls(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-        max_position_embeddings=shape.max_position_embeddings,
-        tie_word_embeddings=shape.tie_word_embeddings,
+    return decoder_config(
+        shape,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

@@ -30,45 +30,86 @@ def main() -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainerCallback, TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    rows = [json.loads(line) for line in open(args.data)]
+    with open(args.data) as fh:
+        rows = [json.loads(line) for line in fh]
 
     def encode(row: dict[str, str]) -> dict[str, list[int]]:
         user = row["instruction"] + ("\n\n" + row["input"] if row.get("input") else "")
         prompt = [{"role": "user", "content": user}]
         full = [*prompt, {"role": "assistant", "content": row["output"]}]
-        p_ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        ids = tok.apply_chat_template(full, tokenize=True, return_dict=True)["input_ids"][: args.max_len]
-        labels = [-100] * min(len(p_ids), len(ids)) + ids[len(p_ids):]
+        p_ids = tok.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        ids = tok.apply_chat_template(full, tokenize=True, return_dict=True)["input_ids"][
+            : args.max_len
+        ]
+        labels = [-100] * min(len(p_ids), len(ids)) + ids[len(p_ids) :]
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
     data = Dataset.from_list([encode(r) for r in rows])
     set_seed(42)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
 
     class StepTimes(TrainerCallback):
         def on_log(self, a, state, control, logs=None, **kw):  # type: ignore[no-untyped-def]
             if state.is_world_process_zero and logs and "loss" in logs:
                 with open(f"{args.out}/metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps({"step": state.global_step, "loss": logs["loss"],
-                                         "time": time.time()}) + "\n")
+                    fh.write(
+                        json.dumps(
+                            {"step": state.global_step, "loss": logs["loss"], "time": time.time()}
+                        )
+                        + "\n"
+                    )
 
     targs = TrainingArguments(
-        output_dir=args.out, per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=1,
-        logging_first_step=True, save_strategy="no", report_to=[], use_cpu=True,
-        ddp_backend="gloo", deepspeed=args.deepspeed, seed=42, data_seed=42,
-        dataloader_num_workers=0, bf16=False, fp16=False,
+        output_dir=args.out,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        logging_steps=1,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo",
+        deepspeed=args.deepspeed,
+        seed=42,
+        data_seed=42,
+        dataloader_num_workers=0,
+        bf16=False,
+        fp16=False,
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=data,
-                      data_collator=DataCollatorForSeq2Seq(tok, padding=True),
-                      callbacks=[StepTimes()])
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=data,
+        data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+        callbacks=[StepTimes()],
+    )
     trainer.train()
     trainer.save_model(f"{args.out}/final")
 

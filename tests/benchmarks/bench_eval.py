@@ -35,24 +35,55 @@ def run(smoke: bool) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     base = write_tiny("llama", work / "model", corpus_files=[str(DATA)])
     run_dir = work / "run"
-    dry = run_timed([
-        PY, "-m", "launcher.cli", "run", str(ROOT / "recipes/quickstart.yaml"), "--dry-run",
-        "--run-dir", str(run_dir), "--set", f"model.name_or_path={base}",
-        "--set", "eval.compare_base=false", "--set", f"eval.max_examples={examples}",
-        "--set", "eval.max_tokens=16",
-    ])
+    dry = run_timed(
+        [
+            PY,
+            "-m",
+            "launcher.cli",
+            "run",
+            str(ROOT / "recipes/quickstart.yaml"),
+            "--dry-run",
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            f"model.name_or_path={base}",
+            "--set",
+            "eval.compare_base=false",
+            "--set",
+            f"eval.max_examples={examples}",
+            "--set",
+            "eval.max_tokens=16",
+        ]
+    )
     assert dry.returncode == 0, dry.output[-2000:]
     plan = load_plan(run_dir)
     items, _, _ = held_out(plan.recipe)
-    spec = dataclasses.replace(spec_for_model_dir(base, work_dir=work / "serve", port=0),
-                               served_name=plan.name)
+    spec = dataclasses.replace(
+        spec_for_model_dir(base, work_dir=work / "serve", port=0), served_name=plan.name
+    )
     serial_dir = work / "run-serial"
-    dry = run_timed([
-        PY, "-m", "launcher.cli", "run", str(ROOT / "recipes/quickstart.yaml"), "--dry-run",
-        "--run-dir", str(serial_dir), "--set", f"model.name_or_path={base}",
-        "--set", "eval.compare_base=false", "--set", f"eval.max_examples={examples}",
-        "--set", "eval.max_tokens=16", "--set", "eval.concurrency=1",
-    ])
+    dry = run_timed(
+        [
+            PY,
+            "-m",
+            "launcher.cli",
+            "run",
+            str(ROOT / "recipes/quickstart.yaml"),
+            "--dry-run",
+            "--run-dir",
+            str(serial_dir),
+            "--set",
+            f"model.name_or_path={base}",
+            "--set",
+            "eval.compare_base=false",
+            "--set",
+            f"eval.max_examples={examples}",
+            "--set",
+            "eval.max_tokens=16",
+            "--set",
+            "eval.concurrency=1",
+        ]
+    )
     assert dry.returncode == 0, dry.output[-2000:]
     ours_s: list[float] = []
     base_s: list[float] = []

@@ -13,8 +13,16 @@ NAME = "planning_latency"
 def run(smoke: bool) -> dict[str, object]:
     reps = 1 if smoke else 7
     commands = {
-        "tune-launch plan": [PY, "-m", "launcher.cli", "plan", str(ROOT / "recipes/llama70b_qlora.yaml"),
-                             "--nodes", "2", "--json"],
+        "tune-launch plan": [
+            PY,
+            "-m",
+            "launcher.cli",
+            "plan",
+            str(ROOT / "recipes/llama70b_qlora.yaml"),
+            "--nodes",
+            "2",
+            "--json",
+        ],
         "python -c 'import torch'": [PY, "-c", "import torch"],
         "accelerate launch --help": [PY, "-m", "accelerate.commands.launch", "--help"],
     }
@@ -31,7 +39,8 @@ def run(smoke: bool) -> dict[str, object]:
         "repetitions": reps,
         "median_s": med,
         "ratio_plan_over_torch_import": ratio,
-        "ratio_plan_over_accelerate_help": med["tune-launch plan"] / med["accelerate launch --help"],
+        "ratio_plan_over_accelerate_help": med["tune-launch plan"]
+        / med["accelerate launch --help"],
         "target": "plan < 0.25 x torch import",
         "met": ratio < 0.25,
     }

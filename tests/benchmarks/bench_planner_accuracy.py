@@ -9,6 +9,7 @@ The GPU part (per-GPU peak vs torch.cuda.max_memory_allocated) is skipped withou
 from __future__ import annotations
 
 from launcher.arch import BUILTIN
+from launcher.tiny import decoder_config
 
 NAME = "planner_accuracy"
 
@@ -22,26 +23,30 @@ def run(smoke: bool) -> dict[str, object]:
     keys = list(BUILTIN)[:2] if smoke else list(BUILTIN)
     for key in keys:
         shape = BUILTIN[key]
-        kind = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                "qwen2": transformers.Qwen2Config}[shape.model_type]
-        config = kind(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
-                      intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
-                      num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
-                      head_dim=shape.head_dim, tie_word_embeddings=shape.tie_word_embeddings)
+        config = decoder_config(shape)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         params = sum(p.numel() for p in model.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         peft_model = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        rows.append({
-            "architecture": key,
-            "params_real": params, "params_planner": shape.total_params(),
-            "lora16_real": trainable, "lora16_planner": shape.lora_params(16, "all-linear"),
-            "bf16_bytes_real": weight_bytes, "bf16_bytes_planner": shape.total_params() * 2,
-        })
-    exact = all(r["params_real"] == r["params_planner"] and r["lora16_real"] == r["lora16_planner"]
-                and r["bf16_bytes_real"] == r["bf16_bytes_planner"] for r in rows)
+        rows.append(
+            {
+                "architecture": key,
+                "params_real": params,
+                "params_planner": shape.total_params(),
+                "lora16_real": trainable,
+                "lora16_planner": shape.lora_params(16, "all-linear"),
+                "bf16_bytes_real": weight_bytes,
+                "bf16_bytes_planner": shape.total_params() * 2,
+            }
+        )
+    exact = all(
+        r["params_real"] == r["params_planner"]
+        and r["lora16_real"] == r["lora16_planner"]
+        and r["bf16_bytes_real"] == r["bf16_bytes_planner"]
+        for r in rows
+    )
     gpu = torch.cuda.is_available()
     return {
         "name": NAME,

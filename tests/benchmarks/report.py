@@ -43,8 +43,11 @@ def render(doc: dict[str, Any]) -> str:
         lines += ["", f"## {r['name']}", ""]
         if r.get("about"):
             lines += [r["about"], ""]
-        lines += ["```json", json.dumps({k: v for k, v in r.items() if k != "about"}, indent=2,
-                                        default=str), "```"]
+        lines += [
+            "```json",
+            json.dumps({k: v for k, v in r.items() if k != "about"}, indent=2, default=str),
+            "```",
+        ]
         if r.get("analysis"):
             lines += ["", r["analysis"]]
     return "\n".join(lines) + "\n"

@@ -1,8 +1,8 @@
 """Run the benchmark suite; write docs/benchmarks.json and docs/benchmarks.md.
 
-    python tests/benchmarks/run_all.py            # the full suite (make bench)
-    python tests/benchmarks/run_all.py --smoke    # one repetition, smallest sizes (CI)
-    python tests/benchmarks/run_all.py --only planning_latency,merge_memory
+python tests/benchmarks/run_all.py            # the full suite (make bench)
+python tests/benchmarks/run_all.py --smoke    # one repetition, smallest sizes (CI)
+python tests/benchmarks/run_all.py --only planning_latency,merge_memory
 """
 
 from __future__ import annotations

@@ -12,21 +12,9 @@ def _real_counts(shape: ModelShape, r: int) -> tuple[int, int]:
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    kind = {
-        "llama": transformers.LlamaConfig,
-        "mistral": transformers.MistralConfig,
-        "qwen2": transformers.Qwen2Config,
-    }[shape.model_type]
-    config = kind(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-        tie_word_embeddings=shape.tie_word_embeddings,
-    )
+    from launcher.tiny import decoder_config
+
+    config = decoder_config(shape)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
