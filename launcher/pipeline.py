@@ -108,12 +108,31 @@ def run_pipeline(plan: Plan, *, stages: list[str], wait: bool) -> int:
     _setup_logging()
     backend = select_backend(plan) if "train" in stages else None
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
-    if backend is None or backend.name != "local":
+    if backend is None:
         return _stages(plan, backend, stages, wait)
     from cluster.local import run_dir_lock
 
     with run_dir_lock(Path(plan.run_dir)):  # a second run in this directory refuses here
+        if backend.name == "slurm":
+            _refuse_live_slurm_job(plan, backend)
         return _stages(plan, backend, stages, wait)
+
+
+def _refuse_live_slurm_job(plan: Plan, backend: Any) -> None:
+    """A SLURM job outlives the command that submitted it: a second submission into its
+    run directory would overwrite its plan and job.json while it trains there."""
+    from cluster.base import JobRecord
+
+    run_dir = Path(plan.run_dir)
+    record = JobRecord.load(run_dir)
+    if record is None or record.backend != "slurm":
+        return
+    state = backend.status(run_dir).state
+    if state in ("PENDING", "RUNNING"):
+        raise RunError(
+            f"{run_dir} is in use by SLURM job {record.job_id} ({state}): wait for it, stop it "
+            f"with `tune-launch cancel {run_dir}`, or choose another --run-dir"
+        )
 
 
 def _stages(plan: Plan, backend: Any, stages: list[str], wait: bool) -> int:

@@ -35,7 +35,7 @@ REFERENCED_FAST = {
         "bad recipe: broken-recipe corpus (every section)"
     ),
     "tests/unit/test_broken_recipes.py::test_python_tag_is_refused_without_running": (
-        "unsafe YAML tag: python_object_apply"
+        "unsafe YAML: tags that build objects or read files"
     ),
     "tests/unit/test_broken_recipes.py::test_bad_override_exits_2": "bad recipe: --set overrides",
     "tests/unit/test_property.py": "property: random flat documents and --set (loader)",
@@ -45,16 +45,21 @@ REFERENCED_FAST = {
     "tests/train/test_local_backend.py::test_cancel_signals_the_recorded_process_group": (
         "launcher interrupted (SIGTERM), local"
     ),
-    "tests/train/test_checkpoint_discovery.py": "crash while writing a checkpoint (restarts=1)",
+    "tests/train/test_local_backend.py::test_a_second_run_in_the_same_directory_is_refused": (
+        "two runs in one run directory (lock)"
+    ),
+    "tests/train/test_checkpoint_discovery.py": (
+        "crash while writing a checkpoint: partial-checkpoint discovery and cleanup (units)"
+    ),
     "tests/serve/test_serve_units.py::test_missing_api_key_is_refused_before_starting": (
         "serving: API key"
     ),
     "tests/serve/test_serve_units.py::test_env_cpu_fixes_and_no_secret": "serving: API key",
 }
+# tests/train/test_train_runs.py::test_crash_during_a_save_leaves_the_previous_checkpoint_resumable
+# (the manual rerun after a crash in a save) is left to the train tier: three launches, and
+# tests/reliability/test_checkpoint_crash.py runs the same fault through the restart path
 REFERENCED_SLOW = {
-    "tests/train/test_train_runs.py::test_crash_during_a_save_leaves_the_previous_checkpoint_resumable": (
-        "crash while writing a checkpoint (manual rerun)"
-    ),
     "tests/serve/test_serve_lifecycle.py::test_bad_model_path_is_a_run_error_with_the_log_tail": (
         "serving: bad model path"
     ),
@@ -121,6 +126,48 @@ def _outcome(cases: list[Case]) -> str:
     return ", ".join(f"{counts[k]} {k}" for k in order if counts[k])
 
 
+# the table's order: faults first, then bad input, injection and secrets, trust
+ORDER = (
+    "rank dies",
+    "launcher interrupted",
+    "crash while writing",
+    "two runs",
+    "disk too small",
+    "loss NaN",
+    "serving",
+    "bad recipe",
+    "property",
+    "unsafe YAML",
+    "bad data",
+    "injection",
+    "secrets",
+    "trust",
+)
+
+
+def _rank(name: str) -> tuple[int, str]:
+    return next((i for i, p in enumerate(ORDER) if name.startswith(p)), len(ORDER)), name
+
+
+def _tests(group: list[Case]) -> str:
+    """Test names, each with its parameter ids."""
+    params: dict[str, list[str]] = defaultdict(list)
+    for case in group:
+        name = case.nodeid.split("::")[-1]
+        base, _, param = name.partition("[")
+        params[base] += [param.rstrip("]")] if param else []
+    shown = []
+    for base in sorted(params)[:4]:
+        ids = params[base]
+        if len(ids) > 8:
+            ids = [*ids[:8], f"+{len(ids) - 8}"]
+        shown.append(f"`{base}`" + (f" [{', '.join(ids)}]" if ids else ""))
+    if len(params) > 4:
+        shown.append(f"(+{len(params) - 4} more)")
+    refs = sorted({c.nodeid.split("::")[0] for c in group if "tests/reliability/" not in c.nodeid})
+    return ", ".join(shown) + (" *ref* " + ", ".join(f"`{r}`" for r in refs) if refs else "")
+
+
 def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -141,31 +188,23 @@ def render(cases: list[Case], *, command: str, seconds: float, pytest_code: int)
         "tmpfs, real broken files through the real CLI, a real 2-node SLURM job, the real vLLM",
         "server. Tests live in `tests/reliability/` (plus the referenced tests of other tiers,",
         "marked *ref*). Outcomes: passed / failed / xfail (a known weakness, reason given) /",
-        "skipped (reason given).",
+        "skipped (reason given). A run shared by several tests is timed in the first one.",
         "",
-        "| fault or input class | cases | outcome | tests | notes |",
-        "|---|---|---|---|---|",
+        "| fault or input class | cases | outcome | time | tests | notes |",
+        "|---|---|---|---|---|---|",
     ]
-    for name in sorted(groups):
+    for name in sorted(groups, key=_rank):
         group = groups[name]
-        tests = sorted({c.nodeid.split("::")[-1].split("[")[0] for c in group})
-        refs = sorted(
-            {c.nodeid.split("::")[0] for c in group if "tests/reliability/" not in c.nodeid}
-        )
-        shown = ", ".join(f"`{t}`" for t in tests[:3]) + (
-            f" (+{len(tests) - 3})" if len(tests) > 3 else ""
-        )
-        if refs:
-            shown += " *ref* " + ", ".join(f"`{r}`" for r in refs)
         notes = sorted({f"{c.outcome}: {c.reason}" for c in group if c.outcome != "passed"})
-        notes += sorted({f"finding: {f}" for c in group for f in c.findings})
+        notes += ["finding: see below"] if any(c.findings for c in group) else []
+        spent = sum(c.seconds for c in group)
         lines.append(
-            f"| {_escape(name)} | {len(group)} | {_outcome(group)} | {shown} | "
-            f"{_escape('; '.join(notes))} |"
+            f"| {_escape(name)} | {len(group)} | {_outcome(group)} | {spent:.0f} s | "
+            f"{_tests(group)} | {_escape('; '.join(notes))} |"
         )
     findings = sorted({(c.nodeid, f) for c in cases for f in c.findings})
     lines += ["", "## Findings recorded by the tests", ""]
-    lines += [f"- `{nodeid}`: {text}" for nodeid, text in findings] or ["- none"]
+    lines += [f"- `{nodeid}`: {_escape(text)[:400]}" for nodeid, text in findings] or ["- none"]
     lines += ["", "## Notes", "", *NOTES]
     return "\n".join(lines) + "\n"
 
