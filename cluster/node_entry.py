@@ -44,6 +44,7 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from cluster import rank_env
+from cluster.local import root_cause_signal
 
 SAVE_SIGNAL = "SIGUSR2"  # submitit's preemption/timeout signal (SUBMITIT_PREEMPT_SIGNAL)
 PREEMPTED_MARKER = "PREEMPTED"
@@ -203,9 +204,21 @@ class NodeTask(submitit.helpers.Checkpointable):
             with stderr_path.open("rb") as f:
                 f.seek(offset)
                 log = f.read().decode("utf-8", "replace")
-        message = failure_message(Path(self.run_dir), self._started, log) or (
-            f"training failed on node {_node()} (node_rank {node_rank}, launcher exit code "
-            f"{code}): {error_summary(log)}"
+        killed = root_cause_signal(log)
+        root = log[log.rfind("Root Cause") :] if killed else ""
+        dead_rank = re.search(r"rank\s*:\s*(\d+)", root)
+        message = (
+            (
+                f"training failed on node {_node()} (node_rank {node_rank}): rank "
+                f"{dead_rank[1] if dead_rank else '?'} was killed by {killed}"
+                if killed
+                else None
+            )
+            or failure_message(Path(self.run_dir), self._started, log)
+            or (
+                f"training failed on node {_node()} (node_rank {node_rank}, launcher exit code "
+                f"{code}): {error_summary(log)}"
+            )
         )
         self._write_error(node_rank, code, message, log)
         raise RuntimeError(message)

@@ -355,6 +355,8 @@ class _Progress:
     def new_lines(self) -> list[str]:
         if not self.path.exists():
             return []
+        if self.path.stat().st_size < self.position:  # rewound on resume: read it again
+            self.position = 0
         with self.path.open("r", errors="replace") as f:
             f.seek(self.position)
             text = f.read()

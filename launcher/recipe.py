@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -414,6 +415,13 @@ def problems_from_validation(exc: ValidationError, prefix: tuple[str, ...] = ())
     return unique
 
 
+def _is_mapping_field(path: tuple[str, ...]) -> bool:
+    """Whether `path` names a free-form mapping field (env, resources.sbatch_extra)."""
+    parent = section_fields(path[:-1])
+    field = parent.get(path[-1]) if parent else None
+    return field is not None and typing.get_origin(field.annotation) is dict
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> Problem | None:
     """Apply one `--set a.b.c=value` (value parsed as YAML) to the raw recipe mapping."""
     key, sep, raw = assignment.partition("=")
@@ -424,6 +432,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> Problem | None:
         )
     path = tuple(key.split("."))
     fields = section_fields(path[:-1])
+    if fields is None and len(path) >= 2 and _is_mapping_field(path[:-1]):
+        fields = {path[-1]: None}  # a key inside a mapping field: env.FOO, resources.sbatch_extra.x
     if fields is None or path[-1] not in fields:
         missing = next(i for i in range(len(path)) if section_fields(path[: i + 1]) is None)
         return _unknown_key_problem(path[: missing + 1], raw)

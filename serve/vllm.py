@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -78,8 +79,16 @@ def log_tail(path: Path, lines: int = TAIL_LINES, redact: str | None = None) -> 
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return "(no server log)"
-    tail = "\n".join(text.splitlines()[-lines:])
+    all_lines = text.splitlines()
+    tail = "\n".join(all_lines[-lines:])
+    # vLLM's last lines often say only "See root cause above": name the first real error too
+    cause = next((line.strip() for line in all_lines[:-lines] if _ERROR_LINE.search(line)), None)
+    if cause:
+        tail = f"first error in the log: {cause}\n...\n{tail}"
     return tail.replace(redact, "***") if redact else tail
+
+
+_ERROR_LINE = re.compile(r"^\s*(?:\([\w ]+pid=\d+\)\s*)?[\w.]*(?:Error|Exception): ")
 
 
 # Stops the server group when the process that started it dies without cleaning up (SIGKILL,
