@@ -19,7 +19,6 @@ subprocess in its own process group.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -39,6 +38,7 @@ from typing import IO
 from cluster.base import JobRecord
 from launcher.errors import RunError
 from launcher.plan import Plan
+from launcher.runlock import acquire
 
 log = logging.getLogger("tune_launch")
 
@@ -66,21 +66,8 @@ def run_dir_lock(run_dir: Path) -> Iterator[IO[str]]:
     if key in _HELD:
         yield _HELD[key]
         return
-    handle = (run_dir / LOCK_FILE).open("a+")
+    handle = acquire(run_dir / LOCK_FILE, "another run")
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise RunError(
-                f"{run_dir} is in use by another run ({holder}): wait for it, stop it with "
-                f"`tune-launch cancel {run_dir}`, or choose another --run-dir"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
         _HELD[key] = handle
         yield handle
     finally:

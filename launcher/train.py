@@ -10,7 +10,6 @@ Only rank 0 writes shared files; every rank logs to RUN_DIR/logs/rank{N}.log.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import checkpoint, data
-from launcher.errors import RecipeError, RunError
+from launcher.errors import RecipeError
 from launcher.plan import Plan
 from launcher.rundir import base_model_path, load_plan
 
@@ -84,21 +83,9 @@ def barrier() -> None:
 
 def lock_run_dir(run_dir: Path) -> Any:
     """Rank 0 holds RUN_DIR/.train.lock while training: two runs never interleave."""
-    handle = (run_dir / ".train.lock").open("a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        raise RunError(
-            f"{run_dir} is in use by a training run ({holder}); wait for it to finish or "
-            f"`tune-launch cancel {run_dir}`, or use another --run-dir"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-    handle.flush()
-    return handle
+    from launcher.runlock import acquire
+
+    return acquire(run_dir / ".train.lock", "a training run")
 
 
 # --------------------------------------------------------------------------------------------
