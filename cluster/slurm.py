@@ -29,17 +29,6 @@ from launcher.errors import RunError
 from launcher.plan import Plan
 
 FOLDER = "slurm"  # submitit's folder inside the run directory
-TERMINAL = (
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "BOOT_FAIL",
-    "DEADLINE",
-    "PREEMPTED",
-)
 SACCT_TO_STATE = {
     "PENDING": "PENDING",
     "REQUEUED": "PENDING",

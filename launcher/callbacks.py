@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -118,7 +117,7 @@ class RunHooks:
     _consecutive: int = field(default=0, repr=False)
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
+def any_rank(flag: bool, device: torch.device | str) -> bool:
     """True if flag is true on any rank (every rank must make the same decision)."""
     import torch.distributed as dist
 
@@ -197,7 +196,7 @@ def trainer_class(base: type, hooks: RunHooks) -> type:
             step = self.state.global_step + 1
             if checkpoint.fault("nan_loss", step, hooks.run_dir, hooks.rank):
                 loss = loss * float("nan")
-            if not _any_rank(not bool(torch.isfinite(loss.detach()).all()), loss.device):
+            if not any_rank(not bool(torch.isfinite(loss.detach()).all()), loss.device):
                 hooks._consecutive = 0
                 return (loss, *result[1:]) if return_outputs else loss
             last = checkpoint.last_complete(checkpoint.checkpoints_dir(hooks.run_dir))
@@ -232,7 +231,3 @@ def trainer_class(base: type, hooks: RunHooks) -> type:
 
     Tuned.__name__ = Tuned.__qualname__ = f"TuneLaunch{base.__name__}"
     return Tuned
-
-
-def finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)

@@ -98,7 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--engine", choices=["vllm", "vllm-cpu"])
     serve.add_argument("--mode", choices=["merged", "lora"])
-    serve.add_argument("--backend", choices=["local", "slurm"], default="local")
 
     ev = sub.add_parser("eval", help="evaluate a run against an OpenAI-compatible endpoint")
     ev.add_argument("run_dir")
@@ -209,7 +208,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         engine=args.engine,
         mode=args.mode,
-        backend=args.backend,
     )
 
 

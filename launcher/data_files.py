@@ -127,11 +127,8 @@ def _read_json(raw: bytes, name: str) -> tuple[list[tuple[int, Row]], list[RowPr
 
 def _read_csv(raw: bytes, name: str) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
     lines, problems = _decode_lines(raw, name)
-    if problems:  # bad lines are dropped before parsing; numbering stays that of the file
-        keep = {n for n, _ in lines}
-        text = "\n".join(t for n, t in lines if n in keep)
-    else:
-        text = "\n".join(t for _, t in lines)
+    # bad lines were dropped by _decode_lines; numbering stays that of the file
+    text = "\n".join(t for _, t in lines)
     reader = csv.DictReader(io.StringIO(text))
     rows = []
     line_of = [n for n, _ in lines]

@@ -36,15 +36,12 @@ class SaveOnSignal(TrainerCallback):
         self.requested = True
 
     def _agreed(self) -> bool:
-        import torch
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([1 if self.requested else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        from launcher.callbacks import any_rank
+
+        nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+        return any_rank(self.requested, "cuda" if nccl else "cpu")
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         if self.enabled and self._agreed():

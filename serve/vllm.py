@@ -395,15 +395,10 @@ def serve_cli(
     host: str | None = None,
     engine: Engine | None = None,
     mode: Literal["merged", "lora"] | None = None,
-    backend: str = "local",
 ) -> int:
-    """`tune-launch serve RUN_DIR|MODEL_DIR`: serve in the foreground until Ctrl-C."""
+    """`tune-launch serve RUN_DIR|MODEL_DIR`: serve in the foreground until Ctrl-C (on a
+    SLURM cluster, run it inside an allocation: salloc/srun)."""
     target = Path(target)
-    if backend == "slurm":
-        raise RunError(
-            "tune-launch serve --backend slurm is not supported yet: run `tune-launch serve` "
-            "inside an allocation (salloc/srun) instead"
-        )
     if (target / "plan.json").is_file():
         spec = spec_for_run(target, mode=mode, engine=engine, host=host, port=port)
         contract_dir = _contract_dir(target, spec)

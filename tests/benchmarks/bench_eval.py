@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.benchmarks.common import PY, ROOT, median, run_timed
+from tests.benchmarks.common import ROOT, dry_run_quickstart, median
 
 NAME = "eval_throughput"
 DATA = ROOT / "recipes/data/quickstart_train.jsonl"
@@ -35,56 +35,27 @@ def run(smoke: bool) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     base = write_tiny("llama", work / "model", corpus_files=[str(DATA)])
     run_dir = work / "run"
-    dry = run_timed(
-        [
-            PY,
-            "-m",
-            "launcher.cli",
-            "run",
-            str(ROOT / "recipes/quickstart.yaml"),
-            "--dry-run",
-            "--run-dir",
-            str(run_dir),
-            "--set",
-            f"model.name_or_path={base}",
-            "--set",
-            "eval.compare_base=false",
-            "--set",
-            f"eval.max_examples={examples}",
-            "--set",
-            "eval.max_tokens=16",
-        ]
+    dry_run_quickstart(
+        run_dir,
+        f"model.name_or_path={base}",
+        "eval.compare_base=false",
+        f"eval.max_examples={examples}",
+        "eval.max_tokens=16",
     )
-    assert dry.returncode == 0, dry.output[-2000:]
     plan = load_plan(run_dir)
     items, _, _ = held_out(plan.recipe)
     spec = dataclasses.replace(
         spec_for_model_dir(base, work_dir=work / "serve", port=0), served_name=plan.name
     )
     serial_dir = work / "run-serial"
-    dry = run_timed(
-        [
-            PY,
-            "-m",
-            "launcher.cli",
-            "run",
-            str(ROOT / "recipes/quickstart.yaml"),
-            "--dry-run",
-            "--run-dir",
-            str(serial_dir),
-            "--set",
-            f"model.name_or_path={base}",
-            "--set",
-            "eval.compare_base=false",
-            "--set",
-            f"eval.max_examples={examples}",
-            "--set",
-            "eval.max_tokens=16",
-            "--set",
-            "eval.concurrency=1",
-        ]
+    dry_run_quickstart(
+        serial_dir,
+        f"model.name_or_path={base}",
+        "eval.compare_base=false",
+        f"eval.max_examples={examples}",
+        "eval.max_tokens=16",
+        "eval.concurrency=1",
     )
-    assert dry.returncode == 0, dry.output[-2000:]
     ours_s: list[float] = []
     base_s: list[float] = []
     with VLLMServer(spec, log_path=work / "server.log") as server:

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.benchmarks.common import PY, ROOT, median, run_timed
+from tests.benchmarks.common import PY, ROOT, dry_run_quickstart, median, run_timed
 
 NAME = "training_overhead"
 DATA = ROOT / "recipes/data/quickstart_train.jsonl"
@@ -134,21 +134,7 @@ def run(smoke: bool) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     base = write_tiny("llama", work / "base", corpus_files=[str(DATA)])
     # the DeepSpeed JSON tune-launch renders for this plan, reused verbatim by the baseline
-    dry = run_timed(
-        [
-            PY,
-            "-m",
-            "launcher.cli",
-            "run",
-            str(ROOT / "recipes/quickstart.yaml"),
-            "--dry-run",
-            "--run-dir",
-            str(work / "dry"),
-            "--set",
-            "data.val_split=0",
-        ]
-    )
-    assert dry.returncode == 0, dry.output[-2000:]
+    dry_run_quickstart(work / "dry", "data.val_split=0")
     shutil.copy(work / "dry" / "deepspeed.json", work / "ds.json")
     tokens_per_step = 16 * 30  # approx: 16 examples x ~30 tokens (reported for scale only)
     out: dict[str, object] = {"name": NAME, "repetitions": reps, "steps": steps}

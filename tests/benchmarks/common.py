@@ -84,3 +84,21 @@ def _mem_gib() -> float:
             return int(fh.readline().split()[1]) / 2**20
     except OSError:
         return float("nan")
+
+
+def dry_run_quickstart(run_dir: Path, *sets: str) -> None:
+    """`tune-launch run recipes/quickstart.yaml --dry-run` into run_dir with --set overrides."""
+    argv = [
+        PY,
+        "-m",
+        "launcher.cli",
+        "run",
+        str(ROOT / "recipes/quickstart.yaml"),
+        "--dry-run",
+        "--run-dir",
+        str(run_dir),
+    ]
+    for item in sets:
+        argv += ["--set", item]
+    result = run_timed(argv)
+    assert result.returncode == 0, result.output[-2000:]

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,10 +25,9 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-VENV_PY = REPO / ".venv" / "bin" / "python"
-PYTHON = str(VENV_PY if VENV_PY.exists() else Path(sys.executable))
-QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+# the CLI environment and paths are the training tier's (one definition)
+from train.conftest import PYTHON, QUICKSTART, REPO, cli_env
+
 TRAIN_DATA = REPO / "recipes" / "data" / "quickstart_train.jsonl"
 # short quickstart runs (tiny Llama, LoRA, ZeRO-2, 2 processes on gloo): a checkpoint every
 # 10 steps, no validation split and no serve/eval (they would only cost time)
@@ -55,18 +53,6 @@ def _fault_class_marker(request: pytest.FixtureRequest, record_property: Any) ->
     marker = request.node.get_closest_marker("fault_class")
     if marker is not None:
         record_property("fault_class", marker.args[0])
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"),
-    )
-    env.pop("TUNE_LAUNCH_FAULT", None)
-    env.update(extra)
-    return env
 
 
 def cli_argv(

@@ -194,8 +194,6 @@ def test_missing_api_key_is_refused_before_starting(tmp_path: Path) -> None:
 
 
 def test_serve_cli_usage_errors(tmp_path: Path) -> None:
-    with pytest.raises(RunError, match="not supported yet"):
-        serve_cli(tmp_path, backend="slurm")
     with pytest.raises(RecipeError, match="neither a run directory"):
         serve_cli(tmp_path)
 

@@ -52,6 +52,7 @@ def test_sbatch_script_matches_golden(case: str, tmp_path: Path) -> None:
     if os.environ.get("UPDATE_GOLDEN"):
         golden.parent.mkdir(exist_ok=True)
         golden.write_text(text)
+        pytest.skip(f"golden file rewritten: {golden}")
     assert golden.read_text() == text, f"{golden} differs (UPDATE_GOLDEN=1 to accept)"
 
 
