@@ -6,6 +6,13 @@ atomic checkpoints. The training loop itself stays theirs.
   metric the trainer logs) and writes a readable line to its log.
 - trainer_class(base, ...): a subclass of the given trainer class whose `_save_checkpoint`
   is atomic (launcher/checkpoint.py) and whose `compute_loss` applies train.nan_policy.
+
+Nothing here adds a collective to a micro-batch: the non-finite check is local to the rank
+(a rank that stops is a failed rank, and the launcher stops the others), and the token count
+behind tokens_per_s is summed locally and all-reduced once per logging step, next to the
+Trainer's own loss gather. On the quickstart model a step is ~40 ms and every gloo collective
+~1 ms, so per-micro-batch collectives showed up as 10-30% of the throughput
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -110,11 +117,24 @@ class RunHooks:
     rank: int
     resumed_from: Path | None = None
     write_extras: Any = None  # Callable[[Path], None]: tokenizer, generation config, contract
+    # SFT: the loss is transformers' Trainer.compute_loss (the model's own cross-entropy on the
+    # labels TRL's collator built), not TRL's fused LM head (see trainer_class)
+    model_loss: bool = False
     skipped: int = 0
     max_consecutive_skips: int = 10
     zeroing: bool = False  # the current micro-batch's gradients are being replaced by zeros
     hooked: bool = False
     _consecutive: int = field(default=0, repr=False)
+
+
+def tokens_in(inputs: Any) -> torch.Tensor | None:
+    """The batch's non-padding tokens (a tensor on the batch's device: adding it up costs no
+    synchronisation)."""
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return mask.sum()
+    ids = inputs.get("input_ids")
+    return torch.tensor(ids.numel(), device=ids.device) if isinstance(ids, torch.Tensor) else None
 
 
 def any_rank(flag: bool, device: torch.device | str) -> bool:
@@ -145,8 +165,21 @@ def _install_zeroing_hooks(model: Any, hooks: RunHooks) -> None:
 def trainer_class(base: type, hooks: RunHooks) -> type:
     """base (Trainer, SFTTrainer, DPOTrainer) with atomic checkpoints and the NaN policy."""
 
+    from transformers import Trainer
+
     class Tuned(base):
         _staging: str | None = None
+        _tokens: torch.Tensor | None = None  # this rank's tokens since the last log
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            # every rank calls log() for a training-loss log (right after the Trainer's own
+            # loss gather), so the token count is summed over the ranks here, once per log
+            if "loss" in logs and self._tokens is not None:
+                total = self.accelerator.reduce(self._tokens.detach().clone(), reduction="sum")
+                self.state.num_input_tokens_seen += int(total.item())
+                logs["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+                self._tokens = None
+            super().log(logs, start_time)
 
         def _get_output_dir(self, trial: Any) -> str:
             return self._staging or super()._get_output_dir(trial)
@@ -184,11 +217,24 @@ def trainer_class(base: type, hooks: RunHooks) -> type:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            # SFT: the model's own loss, through transformers' Trainer (what a plain Trainer
+            # script computes and what launcher/memory.py models). TRL's fused LM head saves
+            # the logits' memory but its tiled kernel and four metric gathers per micro-batch
+            # cost ~30% of a quickstart step; the loss is the same (tests/train).
+            parent: Any = Trainer if hooks.model_loss else base
+            compute = parent.compute_loss
+            result: Any = compute(
+                self,
+                model,
+                inputs,
+                return_outputs=return_outputs,
+                num_items_in_batch=num_items_in_batch,
             )
             if not model.training:
                 return result
+            tokens = tokens_in(inputs)
+            if tokens is not None:
+                self._tokens = tokens if self._tokens is None else self._tokens + tokens
             hooks.zeroing = False  # the previous micro-batch's backward is done
             if hooks.nan_policy == "skip" and not hooks.hooked:
                 _install_zeroing_hooks(model, hooks)
@@ -196,7 +242,9 @@ def trainer_class(base: type, hooks: RunHooks) -> type:
             step = self.state.global_step + 1
             if checkpoint.fault("nan_loss", step, hooks.run_dir, hooks.rank):
                 loss = loss * float("nan")
-            if not any_rank(not bool(torch.isfinite(loss.detach()).all()), loss.device):
+            # this rank's decision: a rank that stops fails, and the launcher stops the others
+            # (cluster/local.py, srun); a skipped micro-batch zeroes only this rank's gradients
+            if bool(torch.isfinite(loss.detach()).all()):
                 hooks._consecutive = 0
                 return (loss, *result[1:]) if return_outputs else loss
             last = checkpoint.last_complete(checkpoint.checkpoints_dir(hooks.run_dir))

@@ -117,6 +117,19 @@ def peft_config(plan: Plan, model: Any) -> Any:
     )
 
 
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def uses_every_adapter(plan: Plan, model: Any) -> bool:
+    """True when every forward touches every trainable weight: adapters on a dense model.
+    Then DDP need not walk the autograd graph for unused parameters after each backward
+    (the Trainer turns that search on for any PEFT model). Mixture-of-experts models route
+    each token to a few experts, so an adapter on an expert can go unused in a micro-batch."""
+    config = getattr(model, "config", None)
+    moe = any(getattr(config, key, None) for key in MOE_KEYS)
+    return plan.recipe.method.kind != "full" and not moe
+
+
 def wrap_peft(model: Any, config: Any, seed: int) -> Any:
     """get_peft_model after set_seed, as the TRL trainers do: the same adapter on every rank."""
     if config is None:

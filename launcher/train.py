@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import traceback
 import warnings
@@ -25,6 +26,7 @@ from launcher.plan import Plan
 from launcher.rundir import base_model_path, load_plan
 
 log = logging.getLogger("launcher.train")
+DATA_CACHE = "data_cache"  # the splits as Arrow files and the trainer's tokenized caches
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,6 +90,23 @@ def lock_run_dir(run_dir: Path) -> Any:
     return acquire(run_dir / ".train.lock", "a training run")
 
 
+def shared_dataset(run_dir: Path, name: str, rows: list[dict[str, Any]], main: bool) -> Any:
+    """The split as an Arrow file in RUN_DIR/data_cache/NAME, written by rank 0 and memory-mapped
+    by every rank. TRL tokenizes on the main process first and the others then find its cached
+    result on disk: the data is tokenized once, not once per rank one after the other (as for
+    an in-memory dataset), and no rank holds the tokenized data in RAM."""
+    import datasets
+
+    if not rows:
+        return None
+    path = run_dir / DATA_CACHE / name
+    if main:
+        shutil.rmtree(path, ignore_errors=True)  # a previous attempt's files and caches
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    barrier()
+    return datasets.load_from_disk(str(path))
+
+
 # --------------------------------------------------------------------------------------------
 # Trainer arguments
 
@@ -127,7 +146,9 @@ def training_args(plan: Plan, run_dir: Path, *, has_eval: bool) -> Any:
         "eval_strategy": "steps" if has_eval else "no",
         "eval_steps": eval_steps if has_eval else None,
         "report_to": ["tensorboard"],
-        "include_num_input_tokens_seen": "non_padding",
+        # counted by launcher/callbacks.py, one all-reduce per log (the Trainer's count
+        # gathers every micro-batch)
+        "include_num_input_tokens_seen": "no",
         "log_level": "info",
         "log_level_replica": "warning",
         "deepspeed": plan.deepspeed_path,
@@ -188,7 +209,6 @@ def classification_metrics(prediction: Any) -> dict[str, float]:
 
 
 def train(plan: Plan, run_dir: Path, rank: int) -> None:
-    import datasets
     import transformers
 
     from launcher import callbacks
@@ -235,8 +255,8 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
         (run_dir / "data_report.json").write_text(
             json.dumps([r.to_dict() for r in splits.reports], indent=2)
         )
-    train_ds = datasets.Dataset.from_list(splits.train)
-    eval_ds = datasets.Dataset.from_list(splits.validation) if splits.validation else None
+    train_ds = shared_dataset(run_dir, "train", splits.train, main)
+    eval_ds = shared_dataset(run_dir, "validation", splits.validation, main)
 
     # arguments before the model: under ZeRO-3 they make from_pretrained partition the weights
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tb"))
@@ -250,6 +270,8 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
     if getattr(net, "generation_config", None) is not None:
         net.generation_config.pad_token_id = tokenizer.pad_token_id
     lora = modeling.peft_config(plan, net)
+    if modeling.uses_every_adapter(plan, net):
+        args.ddp_find_unused_parameters = False
 
     def write_extras(path: Path) -> None:
         """Saved with every checkpoint and the final model: what serving must reproduce."""
@@ -268,6 +290,7 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
         rank=rank,
         resumed_from=resume.path if resume else None,
         write_extras=write_extras,
+        model_loss=recipe.data.format in ("alpaca", "messages", "text"),
     )
     from launcher.preemption import MARKER, SaveOnSignal
 
@@ -360,6 +383,8 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
     checkpoint.save_final(
         trainer, run_dir, shard_size_gb=recipe.merge.shard_size_gb, extras=write_extras
     )
+    if main:  # the tokenized copies can be as large as the data; an attempt rebuilds them
+        shutil.rmtree(run_dir / DATA_CACHE, ignore_errors=True)
     del lock
 
 

@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, required=True)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--logging-steps", type=int, default=1)
     args = p.parse_args()
 
     import torch
@@ -90,7 +91,7 @@ def main() -> None:
         learning_rate=args.lr,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
-        logging_steps=1,
+        logging_steps=args.logging_steps,
         logging_first_step=True,
         save_strategy="no",
         report_to=[],

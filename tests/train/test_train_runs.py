@@ -34,6 +34,29 @@ def same_tensors(a: dict[str, Any], b: dict[str, Any], atol: float) -> float:
     return worst
 
 
+def mean_example_tokens(model_dir: Path) -> float:
+    """Mean tokens of a quickstart example as a chat (user turn + answer) with the run's
+    tokenizer and template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(x) for x in (QUICKSTART.parent / "data/quickstart_train.jsonl").open()]
+    lengths = [
+        len(
+            tok.apply_chat_template(
+                [
+                    {"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"},
+                    {"role": "assistant", "content": r["output"]},
+                ],
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        )
+        for r in rows
+    ]
+    return sum(lengths) / len(lengths)
+
+
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quickstart (tiny Llama, LoRA, ZeRO-2, 2 processes), 20 steps: the reference run."""
@@ -51,6 +74,11 @@ def test_lora_zero2_quickstart_trains(quickstart_run: Path) -> None:
     for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "epoch", "time"):
         assert first.get(key) is not None, (key, first)
     assert list((quickstart_run / "tb").rglob("events.out.tfevents.*"))
+    # tokens are counted over both ranks: 16 examples a step x their mean length
+    last = [m for m in metrics(quickstart_run) if m.get("num_input_tokens_seen")][-1]
+    expected = last["step"] * 16 * mean_example_tokens(quickstart_run / "final")
+    assert 0.9 * expected <= last["num_input_tokens_seen"] <= 1.1 * expected, (last, expected)
+    assert not (quickstart_run / "data_cache").exists()  # removed once training completed
     for rank in (0, 1):
         assert (quickstart_run / "logs" / f"rank{rank}.log").stat().st_size > 0
     ckpts = sorted(p.name for p in (quickstart_run / "checkpoints").glob("checkpoint-*"))
