@@ -137,7 +137,7 @@ def _baseline(work: Path, base: Path, strategy: str, steps: int, tag: str) -> tu
 def run(smoke: bool) -> dict[str, object]:
     from launcher.tiny import write_tiny
 
-    reps, steps = (1, 12) if smoke else (3, 60)
+    reps, steps = (1, 12) if smoke else (3, 200)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     base = write_tiny("llama", work / "base", corpus_files=[str(DATA)])
     # the DeepSpeed JSON tune-launch renders for this plan, reused verbatim by the baseline

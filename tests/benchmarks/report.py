@@ -16,7 +16,9 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def render(doc: dict[str, Any]) -> str:
+def render(doc: dict[str, Any], notes: str = "") -> str:
+    """The page: summary table, one section per benchmark, then `notes` (the hand-written
+    analysis kept from the previous page, after NOTES_MARK)."""
     m = doc["machine"]
     lines = [
         "# Benchmarks",
@@ -50,4 +52,11 @@ def render(doc: dict[str, Any]) -> str:
         ]
         if r.get("analysis"):
             lines += ["", r["analysis"]]
+    if notes:
+        lines += ["", NOTES_MARK, notes.strip("\n")]
     return "\n".join(lines) + "\n"
+
+
+def kept_notes(page: str) -> str:
+    """What follows NOTES_MARK on an existing page ("" if none)."""
+    return page.split(NOTES_MARK, 1)[1] if NOTES_MARK in page else ""

@@ -65,9 +65,11 @@ def main() -> int:
         return 0
     out_dir = Path(args.out)
     (out_dir / "benchmarks.json").write_text(json.dumps(doc, indent=2, default=str))
-    from tests.benchmarks.report import render
+    from tests.benchmarks.report import kept_notes, render
 
-    (out_dir / "benchmarks.md").write_text(render(doc))
+    page = out_dir / "benchmarks.md"
+    notes = kept_notes(page.read_text()) if page.is_file() else ""
+    page.write_text(render(doc, notes))
     print(f"wrote {out_dir / 'benchmarks.md'}")
     return 0
 
