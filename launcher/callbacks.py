@@ -2,8 +2,8 @@
 atomic checkpoints. The training loop itself stays theirs.
 
 - MetricsCallback: rank 0 appends one JSON line per log event to RUN_DIR/metrics.jsonl
-  (loss, learning_rate, grad_norm, tokens_per_s, eval_loss, epoch, time, and any other
-  metric the trainer logs) and writes a readable line to its log.
+  (loss, learning_rate, grad_norm, tokens_per_s, eval_loss, epoch, time, on a GPU
+  peak_memory_gib, and any other metric the trainer logs) and writes a readable line to its log.
 - trainer_class(base, ...): a subclass of the given trainer class whose `_save_checkpoint`
   is atomic (launcher/checkpoint.py) and whose `compute_loss` applies train.nan_policy.
 
@@ -91,6 +91,9 @@ class MetricsCallback(TrainerCallback):
         record.update({k: v for k, v in logs.items() if isinstance(v, int | float | str | None)})
         record["step"] = state.global_step
         record["time"] = time.time()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # rank 0's device; what launcher/memory.py's per-GPU estimate is compared with
+            record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         if "loss" in logs and self._last is not None:
             now, tokens = time.monotonic(), state.num_input_tokens_seen or 0
             elapsed = now - self._last[0]

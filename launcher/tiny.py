@@ -153,27 +153,37 @@ def write_tiny(
     corpus_files: list[str] | None = None,
     seed: int = 0,
     num_labels: int = 2,
+    shape: ModelShape | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
 ) -> Path:
-    """Write a tiny random `arch` model with a tokenizer to out_dir; returns out_dir."""
+    """Write a tiny random `arch` model with a tokenizer to out_dir; returns out_dir.
+    `shape` swaps in other dimensions (a full-size one from launcher.arch.BUILTIN, for GPU
+    benchmarks: random weights, built on `device` and saved in `dtype`); the tokenizer stays
+    tiny, so its ids are a subset of the model's vocabulary."""
     import torch
     import transformers
 
     if arch not in TINY:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHES)}")
-    shape = TINY[arch]
+    shape = shape or TINY[arch]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus: list[str] = []
     for name in corpus_files or []:
         corpus.extend(_texts_from_file(Path(name)))
-    tok = build_tokenizer(corpus, shape.vocab_size, encoder=arch == "distilbert")
+    tok = build_tokenizer(corpus, TINY[arch].vocab_size, encoder=arch == "distilbert")
     assert len(tok) <= shape.vocab_size
     config = _config(arch, shape, tok, num_labels)
     torch.manual_seed(seed)
-    if arch == "distilbert":
-        model = transformers.AutoModelForSequenceClassification.from_config(config)
-    else:
-        model = transformers.AutoModelForCausalLM.from_config(config)
+    kind = (
+        transformers.AutoModelForSequenceClassification
+        if arch == "distilbert"
+        else transformers.AutoModelForCausalLM
+    )
+    with torch.device(device):
+        model = kind.from_config(config, dtype=getattr(torch, dtype))
+    if arch != "distilbert":
         end_id = tok.convert_tokens_to_ids("<|end|>")
         eos_ids = [end_id, tok.convert_tokens_to_ids("</s>")]
         model.generation_config = transformers.GenerationConfig(

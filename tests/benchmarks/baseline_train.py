@@ -5,12 +5,17 @@ template, loss on the completion only) and logs step times as tune-launch's metr
 
     accelerate launch --num_processes 2 --use_cpu [--use_deepspeed --deepspeed_config_file DS] \
         tests/benchmarks/baseline_train.py --model DIR --data FILE --out DIR --max-steps N ...
+
+On a GPU (bench_gpu.py): --gpu --bf16 [--qlora] [--gradient-checkpointing] [--optim NAME],
+the settings tune-launch takes from the recipe (NF4 double quant, prepare_model_for_kbit_training,
+non-reentrant checkpointing).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 
@@ -26,6 +31,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-len", type=int, default=64)
     p.add_argument("--logging-steps", type=int, default=1)
+    # the GPU benchmark (bench_gpu.py): same switches as a tune-launch recipe
+    p.add_argument("--gpu", action="store_true", help="CUDA + NCCL instead of CPU + gloo")
+    p.add_argument("--bf16", action="store_true", help="bf16 weights and autocast")
+    p.add_argument("--qlora", action="store_true", help="NF4 double-quant base, fp32 adapters")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--optim", default="adamw_torch")
     args = p.parse_args()
 
     import torch
@@ -60,7 +71,26 @@ def main() -> None:
 
     data = Dataset.from_list([encode(r) for r in rows])
     set_seed(42)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    load: dict[str, object] = {"dtype": dtype}
+    if args.qlora:
+        from transformers import BitsAndBytesConfig
+
+        load["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(args.model, **load)
+    if args.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     model = get_peft_model(
         model,
         LoraConfig(
@@ -75,13 +105,11 @@ def main() -> None:
     class StepTimes(TrainerCallback):
         def on_log(self, a, state, control, logs=None, **kw):  # type: ignore[no-untyped-def]
             if state.is_world_process_zero and logs and "loss" in logs:
+                record = {"step": state.global_step, "loss": logs["loss"], "time": time.time()}
+                if torch.cuda.is_available() and torch.cuda.is_initialized():
+                    record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 with open(f"{args.out}/metrics.jsonl", "a") as fh:
-                    fh.write(
-                        json.dumps(
-                            {"step": state.global_step, "loss": logs["loss"], "time": time.time()}
-                        )
-                        + "\n"
-                    )
+                    fh.write(json.dumps(record) + "\n")
 
     targs = TrainingArguments(
         output_dir=args.out,
@@ -95,14 +123,19 @@ def main() -> None:
         logging_first_step=True,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
-        ddp_backend="gloo",
+        use_cpu=not args.gpu,
+        ddp_backend="gloo" if not args.gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         deepspeed=args.deepspeed,
         seed=42,
         data_seed=42,
         dataloader_num_workers=0,
-        bf16=False,
+        bf16=args.bf16,
         fp16=False,
+        optim=args.optim,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+        if args.gradient_checkpointing
+        else None,
     )
     trainer = Trainer(
         model=model,

@@ -2,7 +2,7 @@
 
 python tests/benchmarks/run_all.py            # the full suite (make bench)
 python tests/benchmarks/run_all.py --smoke    # one repetition, smallest sizes (CI)
-python tests/benchmarks/run_all.py --only planning_latency,merge_memory
+python tests/benchmarks/run_all.py --only planning_latency,merge_memory  # updates those entries
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ MODULES = [
     "tests.benchmarks.bench_train",
     "tests.benchmarks.bench_merge",
     "tests.benchmarks.bench_eval",
+    "tests.benchmarks.bench_gpu",
+    "tests.benchmarks.bench_gpu_planner",
 ]
 
 
@@ -64,6 +66,12 @@ def main() -> int:
         print(f"smoke results: {out}")
         return 0
     out_dir = Path(args.out)
+    previous = out_dir / "benchmarks.json"
+    if only and previous.is_file():  # --only replaces those entries, keeps the others
+        fresh = {r["name"]: r for r in results}
+        old = json.loads(previous.read_text())
+        doc["results"] = [fresh.pop(r["name"], r) for r in old["results"]] + list(fresh.values())
+        doc["command"] = f"{old['command']} ({old['date']}), then {doc['command']}"
     (out_dir / "benchmarks.json").write_text(json.dumps(doc, indent=2, default=str))
     from tests.benchmarks.report import kept_notes, render
 

@@ -20,7 +20,10 @@ EXPECTED = {
     "training_overhead",
     "merge_memory",
     "eval_throughput",
+    "gpu_training",
+    "gpu_planner",
 }
+GPU_ONLY = {"gpu_training", "gpu_planner"}
 
 
 @pytest.mark.bench
@@ -44,7 +47,45 @@ def test_benchmark_suite_smoke(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "benchmarks-smoke.json").read_text())
     results = {r["name"]: r for r in doc["results"]}
     assert set(results) == EXPECTED, results.keys()
+    import torch
+
     for name, result in results.items():
+        if name in GPU_ONLY and not torch.cuda.is_available():
+            assert "no CUDA device" in result["skipped"], (name, result)  # says why
+            continue
         assert "skipped" not in result, (name, result)
         assert "target" in result and "met" in result, (name, result)
     assert results["planner_accuracy"]["met"] is True  # exact counts: not a timing
+
+
+@pytest.mark.bench
+@pytest.mark.train
+@pytest.mark.parametrize("method,checkpointing", [("lora", False), ("qlora", True)])
+def test_gpu_benchmark_harness_runs_on_cpu(
+    tmp_path: Path, method: str, checkpointing: bool
+) -> None:
+    """bench_gpu's pair (tune-launch, then the baseline script with the same quantization,
+    checkpointing and sequence length) on CPU with the tiny shape: the GPU run is not the
+    harness's first run. Asserts what the GPU tables are built from."""
+    from tests.benchmarks.bench_gpu import measure
+    from tests.benchmarks.bench_gpu_planner import compare
+
+    row = measure(
+        "llama3.2-1b", method, gc=checkpointing, steps=10, seq=64, device="cpu", work=tmp_path
+    )
+    for side in ("ours", "baseline"):
+        assert row[side]["tokens_per_s"] > 0, row
+    assert 0.2 < row["throughput_ratio"] < 5, row
+    # every example is truncated to exactly the sequence length on both sides
+    plan = row["ours"]["plan"]
+    assert plan["per_gpu_gib"] > 0 and plan["breakdown_gib"]["runtime"] == 0.0
+    seen = [
+        json.loads(x)
+        for x in (tmp_path / f"ours-llama3.2-1b-{method}-gc{int(checkpointing)}/metrics.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    tokens = [r["num_input_tokens_seen"] for r in seen if r.get("num_input_tokens_seen")]
+    assert tokens[-1] == 10 * 64, tokens
+    row["ours"]["peak_memory_gib"] = 1.0  # no CUDA: compare()'s arithmetic only
+    assert compare(row)["measured_gib"] == 1.0
