@@ -38,6 +38,7 @@ def _measure(metrics: Path, started: float, skip: int) -> tuple[float, float]:
     rec = _records(metrics)
     first = rec[0]["time"] - started
     steady = [r for r in rec if r["step"] >= skip]
+    assert len(steady) >= 2, f"{metrics}: fewer than two logged steps from step {skip} on"
     rate = (steady[-1]["step"] - steady[0]["step"]) / (steady[-1]["time"] - steady[0]["time"])
     return rate, first
 
@@ -137,7 +138,8 @@ def _baseline(work: Path, base: Path, strategy: str, steps: int, tag: str) -> tu
 def run(smoke: bool) -> dict[str, object]:
     from launcher.tiny import write_tiny
 
-    reps, steps = (1, 12) if smoke else (3, 200)
+    # smoke: enough steps for two logged steps after the warm-up (10, 20, 30)
+    reps, steps = (1, 30) if smoke else (3, 200)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     base = write_tiny("llama", work / "base", corpus_files=[str(DATA)])
     # the DeepSpeed JSON tune-launch renders for this plan, reused verbatim by the baseline
