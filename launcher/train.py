@@ -303,28 +303,16 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
 
     fmt = recipe.data.format
     trainer: Any
-    if fmt in ("alpaca", "messages", "text"):
-        from trl import SFTTrainer
+    if fmt in ("alpaca", "messages", "text", "preference"):
+        from trl import DPOTrainer, SFTTrainer
 
-        trainer = callbacks.trainer_class(SFTTrainer, hooks)(
+        trainer = callbacks.trainer_class(DPOTrainer if fmt == "preference" else SFTTrainer, hooks)(
             model=net,
             args=args,
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=tokenizer,
             peft_config=lora,  # applied right after set_seed(args.seed): same adapter on every rank
-            callbacks=extra_callbacks,
-        )
-    elif fmt == "preference":
-        from trl import DPOTrainer
-
-        trainer = callbacks.trainer_class(DPOTrainer, hooks)(
-            model=net,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            peft_config=lora,
             callbacks=extra_callbacks,
         )
     else:

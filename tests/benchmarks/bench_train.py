@@ -80,32 +80,15 @@ def _baseline(work: Path, base: Path, strategy: str, steps: int, tag: str) -> tu
     out = work / f"base-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    launch = [
-        PY,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--multi_gpu",
-        "--main_process_port",
-        "0",
-    ]
+    launch = [PY, "-m", "accelerate.commands.launch", "--num_processes", "2"]
+    launch += ["--main_process_port", "0"]
     extra: list[str] = []
-    if strategy == "zero2":
+    if strategy == "zero2":  # the DeepSpeed JSON tune-launch rendered, for accelerate and HF
         ds = work / "ds.json"
-        launch = [
-            PY,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            "2",
-            "--use_deepspeed",
-            "--deepspeed_config_file",
-            str(ds),
-            "--main_process_port",
-            "0",
-        ]
+        launch += ["--use_deepspeed", "--deepspeed_config_file", str(ds)]
         extra = ["--deepspeed", str(ds)]
+    else:
+        launch.append("--multi_gpu")
     started = time.time()
     res = run_timed(
         [
