@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 # the CLI environment and paths are the training tier's (one definition)
-from train.conftest import PYTHON, QUICKSTART, REPO, cli_env
+from train.conftest import PYTHON, QUICKSTART, REPO, cli_env, metrics
 
 TRAIN_DATA = REPO / "recipes" / "data" / "quickstart_train.jsonl"
 # short quickstart runs (tiny Llama, LoRA, ZeRO-2, 2 processes on gloo): a checkpoint every
@@ -261,13 +261,6 @@ def complete_steps(run_dir: Path) -> list[int]:
 
 def complete(run_dir: Path, step: int) -> bool:
     return (run_dir / "checkpoints" / f"checkpoint-{step}" / "COMPLETE").is_file()
-
-
-def metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def loss_steps(run_dir: Path) -> list[int]:
