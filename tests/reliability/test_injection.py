@@ -32,6 +32,25 @@ HOSTILE = f"'sq' \"dq\" $(touch {MARK}1) `touch {MARK}2`; touch {MARK}3 & x | y"
 PRINTER = 'NAME() { env -0 > "$OUT_ENV"; printf "%s\\0" "$@" > "$OUT_ARGV"; }\n'
 
 
+def _run_printing(
+    name: str, script: str, *, out: Path, cwd: Path
+) -> tuple[dict[str, str], list[str]]:
+    """Run `script` with bash, the command `name` defined as a printer: the environment and
+    the arguments that command received, as bash passed them."""
+    env_out, argv_out = out / "env.bin", out / "argv.bin"
+    ran = subprocess.run(
+        ["bash", "-c", PRINTER.replace("NAME", name) + script],
+        cwd=cwd,
+        env={"PATH": os.environ["PATH"], "OUT_ENV": str(env_out), "OUT_ARGV": str(argv_out)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    env = dict(item.split("=", 1) for item in env_out.read_text().split("\0") if "=" in item)
+    return env, argv_out.read_text().split("\0")[:-1]
+
+
 def _markers(*roots: Path) -> list[Path]:
     found = [p for root in roots if root.is_dir() for p in root.rglob(f"{MARK}*")]
     return found + list(Path("/").glob(f"{MARK}*"))
@@ -88,20 +107,10 @@ def test_local_dry_run_and_its_launch_script_execute_nothing(
     # run the script for real, its `exec <launch>` replaced by a dump of the environment
     # and of the launch argv as bash sees them
     assert "\nexec " in script
-    body = PRINTER.replace("NAME", "launch") + script.replace("\nexec ", "\nlaunch ")
-    env_out, argv_out = tmp_path / "env.bin", tmp_path / "argv.bin"
-    ran = subprocess.run(
-        ["bash", "-c", body],
-        cwd=scratch,
-        env={"PATH": os.environ["PATH"], "OUT_ENV": str(env_out), "OUT_ARGV": str(argv_out)},
-        capture_output=True,
-        text=True,
-        timeout=60,
+    env, argv = _run_printing(
+        "launch", script.replace("\nexec ", "\nlaunch "), out=tmp_path, cwd=scratch
     )
-    assert ran.returncode == 0, ran.stderr
-    env = dict(item.split("=", 1) for item in env_out.read_text().split("\0") if "=" in item)
     assert env["TL_PLANTED"] == recipe["env"]["TL_PLANTED"]
-    argv = argv_out.read_text().split("\0")[:-1]
     assert argv[-1] == str(run_dir)  # the hostile run dir arrives as one literal argument
     assert not _markers(tmp_path, scratch, REPO), _markers(tmp_path, scratch, REPO)
 
@@ -128,17 +137,7 @@ def test_slurm_dry_run_and_its_sbatch_script_execute_nothing(
     assert any("--partition=" in line and f"touch {MARK}7" in line for line in directives)
     assert any("--comment=" in line and f"$(touch {MARK}10)" in line for line in directives)
     # run the script for real with srun replaced by a printer of its arguments
-    env_out, argv_out = tmp_path / "env.bin", tmp_path / "argv.bin"
-    ran = subprocess.run(
-        ["bash", "-c", PRINTER.replace("NAME", "srun") + sbatch],
-        cwd=scratch,
-        env={"PATH": os.environ["PATH"], "OUT_ENV": str(env_out), "OUT_ARGV": str(argv_out)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert ran.returncode == 0, ran.stderr
-    argv = argv_out.read_text().split("\0")[:-1]
+    _env, argv = _run_printing("srun", sbatch, out=tmp_path, cwd=scratch)
     assert argv[-1] == str(run_dir / "slurm"), argv  # submitit's folder, one literal argument
     assert not _markers(tmp_path, scratch, REPO), _markers(tmp_path, scratch, REPO)
 

@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -38,6 +39,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_tiny(
             "llama", tmp_path_factory.mktemp("tiny") / "model", corpus_files=[str(TRAIN_DATA)]
         )
+    )
+
+
+def _spec(model: Path, work_dir: Path, **extra: Any) -> Any:
+    """A vllm-cpu ServeSpec for the tiny model, failing within HEALTH_TIMEOUT_S."""
+    from serve.vllm import ServeSpec
+
+    return ServeSpec(
+        model=str(model),
+        served_name="m",
+        engine="vllm-cpu",
+        work_dir=str(work_dir),
+        health_timeout_s=HEALTH_TIMEOUT_S,
+        **extra,
     )
 
 
@@ -89,16 +104,7 @@ def test_port_in_use_is_a_run_error_with_the_log_and_no_orphan(
     tiny_model: Path, tmp_path: Path, busy_port: int, record_property
 ) -> None:
     record_property("fault_class", "serving: port in use")
-    from serve.vllm import ServeSpec
-
-    spec = ServeSpec(
-        model=str(tiny_model),
-        served_name="m",
-        engine="vllm-cpu",
-        work_dir=str(tmp_path),
-        port=busy_port,
-        health_timeout_s=HEALTH_TIMEOUT_S,
-    )
+    spec = _spec(tiny_model, tmp_path, port=busy_port)
     server, message, took = _start_and_fail(spec)
     assert took < HEALTH_TIMEOUT_S, f"{took:.0f} s: the failure waited for the health timeout"
     assert "Last lines of" in message and "Address already in use" in message, message
@@ -110,16 +116,9 @@ def test_kv_cache_larger_than_memory_is_a_run_error_with_the_log_and_no_orphan(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record_property
 ) -> None:
     record_property("fault_class", "serving: out of memory (KV cache 100000 GiB)")
-    from serve.vllm import ServeSpec
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "100000")  # GiB; the user's value wins
-    spec = ServeSpec(
-        model=str(tiny_model),
-        served_name="m",
-        engine="vllm-cpu",
-        work_dir=str(tmp_path),
-        health_timeout_s=HEALTH_TIMEOUT_S,
-    )
+    spec = _spec(tiny_model, tmp_path)
     server, message, took = _start_and_fail(spec)
     assert took < HEALTH_TIMEOUT_S, f"{took:.0f} s: the failure waited for the health timeout"
     assert "Last lines of" in message and "exited with code" in message, message
