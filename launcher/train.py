@@ -27,6 +27,7 @@ from launcher.rundir import base_model_path, load_plan
 
 log = logging.getLogger("launcher.train")
 DATA_CACHE = "data_cache"  # the splits as Arrow files and the trainer's tokenized caches
+SFT_FORMATS = ("alpaca", "messages", "text")  # trained with TRL's SFTTrainer
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def training_args(plan: Plan, run_dir: Path, *, has_eval: bool) -> Any:
         common |= {"use_cpu": True, "ddp_backend": "gloo"}
     if t.early_stopping_patience and has_eval:
         common |= {"metric_for_best_model": "eval_loss", "greater_is_better": False}
-    if fmt in ("alpaca", "messages", "text"):
+    if fmt in SFT_FORMATS:
         from trl import SFTConfig
 
         flash = recipe.model.attn_implementation == "flash_attention_2"
@@ -290,7 +291,7 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
         rank=rank,
         resumed_from=resume.path if resume else None,
         write_extras=write_extras,
-        model_loss=recipe.data.format in ("alpaca", "messages", "text"),
+        model_loss=recipe.data.format in SFT_FORMATS,
     )
     from launcher.preemption import MARKER, SaveOnSignal
 
@@ -303,7 +304,7 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
 
     fmt = recipe.data.format
     trainer: Any
-    if fmt in ("alpaca", "messages", "text", "preference"):
+    if fmt in (*SFT_FORMATS, "preference"):
         from trl import DPOTrainer, SFTTrainer
 
         trainer = callbacks.trainer_class(DPOTrainer if fmt == "preference" else SFTTrainer, hooks)(
