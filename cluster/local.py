@@ -33,46 +33,16 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import IO
 
 from cluster.base import JobRecord
+from launcher.config.plan import Plan
 from launcher.errors import RunError
-from launcher.plan import Plan
-from launcher.runlock import acquire
 
 log = logging.getLogger("tune_launch")
 
-LOCK_FILE = ".lock"
 CANCEL_FILE = ".cancel"
 GRACE_S = 20.0
 TAIL_LINES = 25
-
-
-# --------------------------------------------------------------------------------------------
-# The run directory lock
-
-
-_HELD: dict[str, IO[str]] = {}
-
-
-@contextlib.contextmanager
-def run_dir_lock(run_dir: Path) -> Iterator[IO[str]]:
-    """Hold RUN_DIR/.lock; RunError naming the holder if another run has it.
-
-    Re-entrant within one process (the pipeline holds it around the backend, which takes it too).
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    key = str(run_dir.resolve())
-    if key in _HELD:
-        yield _HELD[key]
-        return
-    handle = acquire(run_dir / LOCK_FILE, "another run")
-    try:
-        _HELD[key] = handle
-        yield handle
-    finally:
-        _HELD.pop(key, None)
-        handle.close()  # closing releases the lock
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,18 +133,16 @@ class LocalBackend:
         self._stop_signal: int | None = None
 
     def dryrun(self, plan: Plan) -> dict[str, str]:
-        from launcher.rundir import launch_script
+        from launcher.config.render import render_launch_script
 
         return {
             "launch (a subprocess in its own process group, plan.env merged into the "
-            "environment)": launch_script(plan)
+            "environment)": render_launch_script(plan.name, plan.env, plan.secrets, plan.launch)
         }
 
     def submit(self, plan: Plan, *, wait: bool = True) -> int:
         """Run the launch in the foreground (the local backend always waits)."""
-        run_dir = Path(plan.run_dir)
-        with run_dir_lock(run_dir):
-            return self._run(plan, run_dir)
+        return self._run(plan, Path(plan.run_dir))
 
     def _run(self, plan: Plan, run_dir: Path) -> int:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)

@@ -134,9 +134,9 @@ class NodeTask(submitit.helpers.Checkpointable):
     # --- the task
     def __call__(self) -> dict[str, Any]:
         run = Path(self.run_dir)
-        from launcher.rundir import load_plan
+        from launcher.rundir import RunDir
 
-        plan = load_plan(run)
+        plan = RunDir(run).load_plan()
         values = rank_env.node_values()
         node_rank = int(values["node_rank"])
         task = int(os.environ.get("SLURM_PROCID", "0"))

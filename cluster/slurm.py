@@ -25,8 +25,8 @@ from typing import Any
 
 from cluster.base import JobRecord
 from cluster.node_entry import NodeTask
+from launcher.config.plan import Plan
 from launcher.errors import RunError
-from launcher.plan import Plan
 
 FOLDER = "slurm"  # submitit's folder inside the run directory
 SACCT_TO_STATE = {
@@ -192,11 +192,7 @@ class SlurmBackend:
     def submit(self, plan: Plan, *, wait: bool) -> int:
         import submitit
 
-        from launcher.rundir import ensure_base, write_run_dir
-
         run = Path(plan.run_dir)
-        write_run_dir(plan)  # idempotent; the pipeline has usually done both already
-        ensure_base(plan)
         executor = submitit.SlurmExecutor(
             folder=run / FOLDER,
             max_num_timeout=plan.recipe.resources.max_requeues,

@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace) -> Any:
     """Load, localize and resolve the recipe named in args -> Plan (no torch imported)."""
-    from launcher import arch
-    from launcher.plan import ClusterFacts, resolve
-    from launcher.recipe import load_recipe, localize
+    from launcher.config import arch
+    from launcher.config.plan import ClusterFacts, resolve
+    from launcher.config.recipe import load_recipe, localize
 
     overrides = list(args.overrides)
     if args.backend:
@@ -125,7 +125,7 @@ def _resolve(args: argparse.Namespace) -> Any:
     recipe = load_recipe(args.recipe, overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
     recipe = localize(recipe, Path(args.recipe).resolve().parent)
     if args.smoke:
-        from launcher.smoke import smoke_recipe
+        from launcher.config.smoke import smoke_recipe
 
         recipe = smoke_recipe(recipe)
     run_dir = Path(args.run_dir or recipe.run_dir or Path("runs") / recipe.name).resolve()
@@ -140,7 +140,7 @@ def _resolve(args: argparse.Namespace) -> Any:
 
 
 def _print_plan(plan: Any, as_json: bool) -> None:
-    from launcher.plan_view import plan_summary, plan_table
+    from launcher.config.plan_view import plan_summary, plan_table
 
     if as_json:
         print(json.dumps(plan_summary(plan), indent=2))
@@ -166,10 +166,10 @@ def _backend_dryrun(plan: Any) -> dict[str, str] | None:
 def cmd_run(args: argparse.Namespace) -> int:
     plan = _resolve(args)
     if args.dry_run:
-        from launcher.plan_view import dry_run_text
-        from launcher.rundir import write_run_dir
+        from launcher.config.plan_view import dry_run_text
+        from launcher.rundir import write_plan
 
-        written = write_run_dir(plan)
+        written = write_plan(plan)
         print(dry_run_text(plan, written, extra=_backend_dryrun(plan)))
         return 0
     from launcher.pipeline import run_pipeline
@@ -192,9 +192,11 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from launcher.merge import merge_run
+    from launcher.merge.run import merge_run
+    from launcher.rundir import RunDir
 
-    out = merge_run(Path(args.run_dir), force=args.force)
+    with RunDir(args.run_dir).lock("tune-launch merge"):
+        out = merge_run(Path(args.run_dir), force=args.force)
     print(f"merged model: {out}")
     return 0
 
@@ -212,9 +214,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from launcher.rundir import RunDir
     from serve.eval import eval_run
 
-    eval_run(Path(args.run_dir), endpoint=args.endpoint)
+    with RunDir(args.run_dir).lock("tune-launch eval"):
+        eval_run(Path(args.run_dir), endpoint=args.endpoint)
     return 0
 
 

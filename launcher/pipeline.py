@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from launcher.config.plan import Plan
 from launcher.errors import Problem, RecipeError, RunError
-from launcher.plan import Plan
-from launcher.rundir import ensure_base, write_run_dir
+from launcher.rundir import RunDir, write_plan
+from launcher.tiny import build_base
 
 log = logging.getLogger("tune_launch")
 STAGES = ("train", "merge", "serve", "eval")
@@ -87,8 +88,8 @@ def _write_run_dir(plan: Plan) -> None:
     """The run directory's files and the tiny base model; a full or read-only disk is a
     failed run with the reason (exit 1), not a traceback."""
     try:
-        write_run_dir(plan)
-        ensure_base(plan)
+        write_plan(plan)
+        build_base(plan)
     except Exception as exc:  # OSError; safetensors raises its own SafetensorError
         hint = ""
         if "No space left" in str(exc) or getattr(exc, "errno", None) == 28:
@@ -110,9 +111,9 @@ def run_pipeline(plan: Plan, *, stages: list[str], wait: bool) -> int:
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
     if backend is None:
         return _stages(plan, backend, stages, wait)
-    from cluster.local import run_dir_lock
-
-    with run_dir_lock(Path(plan.run_dir)):  # a second run in this directory refuses here
+    with RunDir(plan.run_dir).lock(
+        "tune-launch run"
+    ):  # a second run in this directory refuses here
         if backend.name == "slurm":
             _refuse_live_slurm_job(plan, backend)
         return _stages(plan, backend, stages, wait)
@@ -138,7 +139,7 @@ def _refuse_live_slurm_job(plan: Plan, backend: Any) -> None:
 def _stages(plan: Plan, backend: Any, stages: list[str], wait: bool) -> int:
     recipe = plan.recipe
     if backend is not None:
-        from launcher.data import validate_data
+        from launcher.data.rows import validate_data
 
         validate_data(recipe)  # bad rows / missing files: exit 2 before any process starts
         check_disk(plan)
@@ -158,7 +159,7 @@ def _stages(plan: Plan, backend: Any, stages: list[str], wait: bool) -> int:
     run_dir = Path(plan.run_dir)
     wants_merge = recipe.method.kind != "full" and (recipe.merge.enabled or recipe.serve.enabled)
     if "merge" in stages and wants_merge and recipe.model.task == "causal_lm":
-        from launcher.merge import merge_run
+        from launcher.merge.run import merge_run
 
         merged = merge_run(run_dir)
         log.info("merged model: %s", merged)

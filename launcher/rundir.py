@@ -1,4 +1,5 @@
-"""The run directory records itself: recipe.yaml, plan.json, configs, launch script, versions.
+"""RunDir: the one owner of the run directory. Every path and marker name, the lock, atomic
+publishing and the metrics reader live here; every other module asks a RunDir.
 
 Layout (everything a later stage needs is read back from here):
     RUN_DIR/recipe.yaml        the resolved recipe (absolute paths, overrides applied)
@@ -7,28 +8,296 @@ Layout (everything a later stage needs is read back from here):
     RUN_DIR/deepspeed.json     DeepSpeed config (ZeRO strategies only)
     RUN_DIR/launch.sh          the per-node launch command, as a script
     RUN_DIR/versions.json      package versions and the git SHA
+    RUN_DIR/job.json           backend, job id / pids (cluster/base.py JobRecord)
+    RUN_DIR/metrics.jsonl      rank 0: one JSON object per log event
+    RUN_DIR/PREEMPTED          {"step": N}: the job saved on its signal and should be requeued
+    RUN_DIR/.lock              held by whoever works in the directory (pipeline, merge, node 0)
     RUN_DIR/base/              a tiny base model, when model.name_or_path is tiny:<arch>
-    RUN_DIR/checkpoints/       see launcher/checkpoint.py
-    RUN_DIR/final/             the trained adapter or full model
-    RUN_DIR/merged/            the merged model (launcher/merge.py)
-    RUN_DIR/logs/              rank{N}.log, launcher.log, server.log
-    RUN_DIR/job.json           backend, job id / pids (cluster/)
+    RUN_DIR/checkpoints/       checkpoint-<step>/ (COMPLETE when whole), .staging/
+    RUN_DIR/final/             the trained adapter or full model (COMPLETE), staged in .final.tmp
+    RUN_DIR/merged/            the merged model (COMPLETE), staged in merged.tmp
+    RUN_DIR/data_cache/        the splits as Arrow files while training
+    RUN_DIR/logs/              rank{N}.log, rank{N}.error, launcher.log, merge.log, server*.log
+    RUN_DIR/eval/              report.md, results.json, plots
+
+A directory is complete when it carries the COMPLETE marker, written last (after an fsync of
+its contents) and published by one rename: a crash leaves the previous one intact.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-import shlex
-import subprocess
-from importlib import metadata
+import shutil
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
-import yaml
+from launcher.errors import RunError
 
-from launcher.plan import Plan
-from launcher.recipe import recipe_to_yaml
+if TYPE_CHECKING:
+    from launcher.config.plan import Plan
+
+COMPLETE = "COMPLETE"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class RunDir:
+    """RUN_DIR and everything in it. Cheap to build; holds no state but the path."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ---------------------------------------------------------------------------- files
+    @property
+    def recipe_file(self) -> Path:
+        return self.path / "recipe.yaml"
+
+    @property
+    def plan_file(self) -> Path:
+        return self.path / "plan.json"
+
+    @property
+    def accelerate_file(self) -> Path:
+        return self.path / "accelerate.yaml"
+
+    @property
+    def deepspeed_file(self) -> Path:
+        return self.path / "deepspeed.json"
+
+    @property
+    def launch_script(self) -> Path:
+        return self.path / "launch.sh"
+
+    @property
+    def versions_file(self) -> Path:
+        return self.path / "versions.json"
+
+    @property
+    def job_file(self) -> Path:
+        return self.path / "job.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def preempted_marker(self) -> Path:
+        return self.path / "PREEMPTED"
+
+    @property
+    def cancel_file(self) -> Path:
+        return self.path / ".cancel"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    # ---------------------------------------------------------------------------- folders
+    @property
+    def base(self) -> Path:
+        return self.path / "base"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def staging(self) -> Path:
+        """Where a checkpoint is written before its rename into checkpoints/."""
+        return self.checkpoints / ".staging"
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final"
+
+    @property
+    def final_staging(self) -> Path:
+        return self.path / ".final.tmp"
+
+    @property
+    def merged(self) -> Path:
+        return self.path / "merged"
+
+    @property
+    def merged_staging(self) -> Path:
+        return self.path / "merged.tmp"
+
+    @property
+    def data_cache(self) -> Path:
+        return self.path / "data_cache"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def eval(self) -> Path:
+        return self.path / "eval"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
+
+    def rank_log(self, rank: int) -> Path:
+        return self.logs / f"rank{rank}.log"
+
+    def rank_error(self, rank: int) -> Path:
+        """Written by a rank that fails: its traceback (launcher/train/entry.py)."""
+        return self.logs / f"rank{rank}.error"
+
+    def rank_errors(self) -> list[Path]:
+        return sorted(self.logs.glob("rank*.error"))
+
+    @property
+    def launcher_log(self) -> Path:
+        return self.logs / "launcher.log"
+
+    @property
+    def merge_log(self) -> Path:
+        return self.logs / "merge.log"
+
+    @property
+    def server_log(self) -> Path:
+        return self.logs / "server.log"
+
+    # ---------------------------------------------------------------------------- markers
+    @staticmethod
+    def is_complete(directory: Path) -> bool:
+        return (directory / COMPLETE).is_file()
+
+    @staticmethod
+    def read_marker(directory: Path) -> dict[str, Any] | None:
+        """The COMPLETE marker's JSON, or None when the directory is not complete."""
+        try:
+            marker = json.loads((directory / COMPLETE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return marker if isinstance(marker, dict) else None
+
+    @staticmethod
+    def mark_complete(directory: Path, info: dict[str, Any]) -> None:
+        """Write the COMPLETE marker, last, after the contents are on disk."""
+        for child in directory.rglob("*"):
+            if child.is_file():
+                with child.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        with (directory / COMPLETE).open("w", encoding="utf-8") as fh:
+            json.dump({**info, "time": time.time()}, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(directory)
+
+    @classmethod
+    def publish(cls, staged: Path, final: Path, info: dict[str, Any]) -> None:
+        """Mark `staged` complete, then rename it into place; a stale `final` goes after."""
+        cls.mark_complete(staged, info)
+        if final.exists():
+            stale = final.with_name(f".deleting-{final.name}")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(staged, final)
+        _fsync_dir(final.parent)
+
+    @staticmethod
+    def write_atomic(path: Path, text: str) -> None:
+        """Write a file by rename: readers see the old text or the new, never half."""
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+
+    # ---------------------------------------------------------------------------- the lock
+    @contextlib.contextmanager
+    def lock(self, holder: str) -> Iterator[None]:
+        """Hold RUN_DIR/.lock (fcntl, released with its holder, even on SIGKILL) while
+        working in the directory; RunError naming the holder if another process has it.
+        Taken once, by the outermost caller: the pipeline, `tune-launch merge`, or node 0 of
+        a SLURM job."""
+        if not self.path.is_dir():
+            raise RunError(f"{self.path} does not exist: is it a run directory?")
+        handle = _acquire(self.lock_file, self.path)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{holder}: pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # closing releases the lock
+
+    # ---------------------------------------------------------------------------- metrics
+    def metrics(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's records (a torn last line is skipped); [] when there is none."""
+        try:
+            lines = self.metrics_file.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return []
+        rows = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
+
+    def last_step(self) -> int | None:
+        steps = [int(r["step"]) for r in self.metrics() if r.get("step") is not None]
+        return steps[-1] if steps else None
+
+    # ---------------------------------------------------------------------------- plan
+    def load_plan(self) -> Plan:
+        from launcher.config.plan import Plan
+
+        return Plan.model_validate_json(self.plan_file.read_text(encoding="utf-8"))
+
+    def has_plan(self) -> bool:
+        return self.plan_file.is_file()
+
+
+def _acquire(path: Path, run_dir: Path) -> IO[str]:
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunError(
+            f"{run_dir} is in use by {holder}: wait for it, stop it with "
+            f"`tune-launch cancel {run_dir}`, or choose another --run-dir"
+        ) from None
+    return handle
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -------------------------------------------------------------------------------------------
+# Writing the plan's files
+
 
 PACKAGES = (
     "torch",
@@ -47,6 +316,10 @@ PACKAGES = (
 
 
 def versions() -> dict[str, Any]:
+    """Installed versions of the packages a run depends on, and the git SHA of tune-launch."""
+    import subprocess
+    from importlib import metadata
+
     found: dict[str, Any] = {}
     for name in PACKAGES:
         try:
@@ -67,74 +340,25 @@ def versions() -> dict[str, Any]:
     return found
 
 
-def launch_script(plan: Plan) -> str:
-    """launch.sh: the node's command with its environment (secrets by name only)."""
-    lines = [
-        "#!/usr/bin/env bash",
-        f"# tune-launch run {plan.name}: what each node runs",
-        "set -euo pipefail",
-    ]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(plan.env.items())]
-    if plan.secrets:
-        lines.append(f"# secrets passed from the submitting environment: {' '.join(plan.secrets)}")
-    lines.append("exec " + shlex.join(plan.launch))
-    return "\n".join(lines) + "\n"
+def write_plan(plan: Plan) -> dict[str, Path]:
+    """Write the plan's files into its run directory; returns name -> path of what was written."""
+    import yaml
 
+    from launcher.config.recipe import recipe_to_yaml
+    from launcher.config.render import render_launch_script
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
-def write_run_dir(plan: Plan) -> dict[str, Path]:
-    """Write the plan's files; returns name -> path of what was written."""
-    run = Path(plan.run_dir)
-    (run / "logs").mkdir(parents=True, exist_ok=True)
+    run = RunDir(plan.run_dir)
+    run.logs.mkdir(parents=True, exist_ok=True)
     files = {
-        "recipe.yaml": recipe_to_yaml(plan.recipe),
-        "plan.json": plan.model_dump_json(indent=2),
-        "accelerate.yaml": yaml.safe_dump(plan.accelerate, sort_keys=False),
-        "launch.sh": launch_script(plan),
-        "versions.json": json.dumps(versions(), indent=2),
+        run.recipe_file: recipe_to_yaml(plan.recipe),
+        run.plan_file: plan.model_dump_json(indent=2),
+        run.accelerate_file: yaml.safe_dump(plan.accelerate, sort_keys=False),
+        run.launch_script: render_launch_script(plan.name, plan.env, plan.secrets, plan.launch),
+        run.versions_file: json.dumps(versions(), indent=2),
     }
     if plan.deepspeed:
-        files["deepspeed.json"] = json.dumps(plan.deepspeed, indent=2)
-    written = {}
-    for name, text in files.items():
-        path = run / name
-        write_atomic(path, text)
-        written[name] = path
-    (run / "launch.sh").chmod(0o755)
-    return written
-
-
-def load_plan(run_dir: str | Path) -> Plan:
-    path = Path(run_dir) / "plan.json"
-    return Plan.model_validate_json(path.read_text(encoding="utf-8"))
-
-
-def base_model_path(plan: Plan) -> str:
-    """Where the base model is read from: RUN_DIR/base for tiny:<arch>, else the recipe's."""
-    name = plan.recipe.model.name_or_path
-    return str(Path(plan.run_dir) / "base") if name.startswith("tiny:") else name
-
-
-def ensure_base(plan: Plan) -> None:
-    """Build the tiny base model (tokenizer trained on the training data) if the recipe asks."""
-    name = plan.recipe.model.name_or_path
-    base = Path(plan.run_dir) / "base"
-    if not name.startswith("tiny:") or (base / "config.json").is_file():
-        return
-    from launcher.tiny import write_tiny
-
-    corpus = [plan.recipe.data.train] if Path(plan.recipe.data.train).is_file() else []
-    tmp = base.with_name("base.tmp")
-    write_tiny(
-        name.removeprefix("tiny:"),
-        tmp,
-        corpus_files=corpus,
-        seed=plan.recipe.train.seed,
-        num_labels=plan.recipe.model.num_labels or 2,
-    )
-    tmp.replace(base)
+        files[run.deepspeed_file] = json.dumps(plan.deepspeed, indent=2)
+    for path, text in files.items():
+        RunDir.write_atomic(path, text)
+    run.launch_script.chmod(0o755)
+    return {path.name: path for path in files}

@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from launcher.arch import TINY, ModelShape
+from launcher.config.arch import TINY, ModelShape
+
+if TYPE_CHECKING:
+    from launcher.config.plan import Plan
 
 ARCHES = tuple(TINY)
 SPECIALS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<unk>"]
@@ -194,3 +197,22 @@ def write_tiny(
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def build_base(plan: Plan) -> None:
+    """RUN_DIR/base for a `tiny:<arch>` recipe (its tokenizer trained on the training data),
+    built once, by the submitting host, before any rank starts; a no-op otherwise."""
+    arch = plan.tiny_arch
+    base = Path(plan.base_model)
+    if arch is None or (base / "config.json").is_file():
+        return
+    corpus = [plan.recipe.data.train] if Path(plan.recipe.data.train).is_file() else []
+    tmp = base.with_name("base.tmp")
+    write_tiny(
+        arch,
+        tmp,
+        corpus_files=corpus,
+        seed=plan.recipe.train.seed,
+        num_labels=plan.recipe.model.num_labels or 2,
+    )
+    tmp.replace(base)

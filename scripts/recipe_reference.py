@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from launcher.recipe import Recipe
+from launcher.config.recipe import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"

@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from launcher.config.plan import Plan
 from launcher.errors import RunError
-from launcher.plan import Plan
 from serve.contract import chat_ids, check_contract, eos_ids
 from serve.examples import Example, few_shot_shots, held_out, with_shots
 from serve.scoring import Target, aggregate, score
@@ -61,12 +61,11 @@ Layout = Literal["auto", "one-server", "sequential"]
 
 def training_dir(run: Path, plan: Plan) -> Path:
     """Directory with the training tokenizer / train_contract.json of the fine-tuned model."""
-    from launcher.rundir import base_model_path
 
     for candidate in (finetuned_model_dir(run), run / "final"):
         if candidate and (candidate / "tokenizer_config.json").is_file():
             return candidate
-    return Path(base_model_path(plan))
+    return Path(plan.base_model)
 
 
 def fit_context(
@@ -202,11 +201,11 @@ def eval_run(
     given. Writes RUN_DIR/eval/{results.json,report.md,*.png}; returns the results."""
     from transformers import AutoTokenizer
 
-    from launcher.rundir import load_plan
+    from launcher.rundir import RunDir
     from serve.report import write_report
 
     run = Path(run_dir).resolve()
-    plan = load_plan(run)
+    plan = RunDir(run).load_plan()
     recipe = plan.recipe
     ev, serve_cfg = recipe.eval, recipe.serve
     examples, pool, source = held_out(recipe)
@@ -324,10 +323,9 @@ def eval_run(
 
 def _max_positions(plan: Plan) -> int | None:
     """The base model's context length (config.json), when it is a local directory."""
-    from launcher.rundir import base_model_path
 
     try:
-        config = json.loads((Path(base_model_path(plan)) / "config.json").read_text())
+        config = json.loads((Path(plan.base_model) / "config.json").read_text())
     except (OSError, ValueError):
         return None
     value = config.get("max_position_embeddings")

@@ -16,13 +16,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from launcher.config.recipe import Recipe
+from launcher.data.formats import get_format
 from launcher.errors import RunError
-from launcher.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
-GENERATIVE = ("alpaca", "messages", "preference")
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,10 @@ def from_trainer_row(row: dict[str, Any]) -> Example:
 
 def held_out(recipe: Recipe) -> tuple[list[Example], list[Example], str]:
     """(evaluation examples, training examples for few-shot, description of the source)."""
-    from launcher.data import check_source, load_splits
+    from launcher.data.rows import check_source, load_splits
 
     data, ev = recipe.data, recipe.eval
-    if data.format not in GENERATIVE:
+    if not get_format(data.format).chat:
         raise RunError(
             f"data.format={data.format} has no prompt/answer pairs to evaluate by generation: "
             "evaluation needs alpaca, messages or preference data"

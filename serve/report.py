@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from launcher.rundir import write_atomic
+from launcher.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +197,8 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
             written[name] = path
     results["plots"] = dict(plots)
     json_path = out / "results.json"
-    write_atomic(json_path, json.dumps(results, indent=2) + "\n")
+    RunDir.write_atomic(json_path, json.dumps(results, indent=2) + "\n")
     md_path = out / "report.md"
-    write_atomic(md_path, render_markdown(results, plots))
+    RunDir.write_atomic(md_path, render_markdown(results, plots))
     written |= {"results": json_path, "report": md_path}
     return written

@@ -173,10 +173,10 @@ def spec_for_run(
 ) -> ServeSpec:
     """What serving a run means: merged/ under the run name, or (mode=lora) the base served
     as "base" with the adapter RUN_DIR/final as a LoRA module named after the run."""
-    from launcher.rundir import base_model_path, load_plan
+    from launcher.rundir import RunDir
 
     run = Path(run_dir).resolve()
-    plan = load_plan(run)
+    plan = RunDir(run).load_plan()
     recipe, serve = plan.recipe, plan.recipe.serve
     mode = mode or serve.mode
     name = plan.name if plan.name != BASE_NAME else f"{plan.name}-finetuned"
@@ -200,7 +200,7 @@ def spec_for_run(
                 f"serve.mode=lora needs an adapter in {final} (adapter_config.json): "
                 "train with method.kind=lora/qlora first, or serve with --mode merged"
             )
-        base = base_model_path(plan)
+        base = plan.base_model
         return ServeSpec(
             model=base,
             served_name=BASE_NAME,
@@ -233,12 +233,12 @@ def spec_for_run(
 
 def spec_for_base(run_dir: str | Path, **overrides: Any) -> ServeSpec:
     """The run's base model alone, served as "base" (the comparison baseline)."""
-    from launcher.rundir import base_model_path, load_plan
+    from launcher.rundir import RunDir
 
     run = Path(run_dir).resolve()
-    plan = load_plan(run)
+    plan = RunDir(run).load_plan()
     serve = plan.recipe.serve
-    base = base_model_path(plan)
+    base = plan.base_model
     spec = ServeSpec(
         model=base,
         served_name=BASE_NAME,

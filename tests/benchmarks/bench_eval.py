@@ -46,7 +46,7 @@ def server_cpu_s(pid: int | None) -> float:
 
 
 def run(smoke: bool) -> dict[str, object]:
-    from launcher.rundir import load_plan
+    from launcher.rundir import RunDir
     from launcher.tiny import write_tiny
     from serve.eval import eval_run
     from serve.examples import held_out
@@ -64,7 +64,7 @@ def run(smoke: bool) -> dict[str, object]:
         f"eval.max_examples={examples}",
         "eval.max_tokens=16",
     )
-    plan = load_plan(run_dir)
+    plan = RunDir(run_dir).load_plan()
     items, _, _ = held_out(plan.recipe)
     spec = dataclasses.replace(
         spec_for_model_dir(base, work_dir=work / "serve", port=0), served_name=plan.name

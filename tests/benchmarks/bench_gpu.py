@@ -76,7 +76,7 @@ def long_rows(path: Path, rows: int, words: int) -> Path:
 
 def write_model(arch: str, out: Path, device: str) -> Path:
     """A random model: the architecture's real dimensions on a GPU, the tiny ones on CPU."""
-    from launcher.arch import BUILTIN
+    from launcher.config.arch import BUILTIN
     from launcher.tiny import write_tiny
 
     if device == "cpu":
@@ -212,7 +212,7 @@ def run(smoke: bool) -> dict[str, object]:
 
     if reason := skipped(NAME):
         return reason
-    from launcher.arch import BUILTIN
+    from launcher.config.arch import BUILTIN
 
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)

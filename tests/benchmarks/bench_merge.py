@@ -68,7 +68,7 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 OURS = (
-    "import sys; from pathlib import Path; from launcher.merge import merge_run; "
+    "import sys; from pathlib import Path; from launcher.merge.run import merge_run; "
     "merge_run(Path(sys.argv[1]), force=True, verify_merge=False)"
 )
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -90,10 +90,10 @@ def build(work: Path, size: str) -> dict[str, Any]:
     import transformers
     import yaml
 
-    from launcher.arch import read_local_config
-    from launcher.plan import ClusterFacts, resolve
-    from launcher.recipe import load_recipe
-    from launcher.rundir import write_run_dir
+    from launcher.config.arch import read_local_config
+    from launcher.config.plan import ClusterFacts, resolve
+    from launcher.config.recipe import load_recipe
+    from launcher.rundir import write_plan
 
     spec = SIZES[size]
     base, run = work / "base", work / "run"
@@ -116,7 +116,7 @@ def build(work: Path, size: str) -> dict[str, Any]:
     }
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     facts = ClusterFacts(run_dir=str(run), model_config=read_local_config(str(base)))
-    write_run_dir(resolve(load_recipe(work / "recipe.yaml"), facts))
+    write_plan(resolve(load_recipe(work / "recipe.yaml"), facts))
 
     lora = peft.LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **LORA)  # type: ignore[arg-type]
     pm = peft.get_peft_model(model, lora)

@@ -8,7 +8,7 @@ The GPU part (per-GPU peak vs torch.cuda.max_memory_allocated) is skipped withou
 
 from __future__ import annotations
 
-from launcher.arch import BUILTIN
+from launcher.config.arch import BUILTIN
 from launcher.tiny import decoder_config
 
 NAME = "planner_accuracy"

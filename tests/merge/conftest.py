@@ -66,10 +66,10 @@ def build_base(arch: str, out: Path, max_shard_size: str = "100KB") -> Path:
 
 def write_plan(run_dir: Path, base: str, **sections: dict[str, Any]) -> Any:
     """plan.json (and the rest of the run dir) through the real recipe loader and resolver."""
-    from launcher.arch import read_local_config
-    from launcher.plan import ClusterFacts, resolve
-    from launcher.recipe import load_recipe
-    from launcher.rundir import write_run_dir
+    from launcher.config.arch import read_local_config
+    from launcher.config.plan import ClusterFacts, resolve
+    from launcher.config.recipe import load_recipe
+    from launcher.rundir import write_plan
 
     data: dict[str, Any] = {
         "name": "merge-test",
@@ -86,7 +86,7 @@ def write_plan(run_dir: Path, base: str, **sections: dict[str, Any]) -> Any:
     path.write_text(yaml.safe_dump(data))
     recipe = load_recipe(path)
     plan = resolve(recipe, ClusterFacts(run_dir=str(run_dir), model_config=read_local_config(base)))
-    write_run_dir(plan)
+    write_plan(plan)
     return plan
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from launcher.errors import RunError
-from launcher.merge import merge_run, nf4_roundtrip_fn, quantized_weights, verify_run
+from launcher.merge.run import merge_run, nf4_roundtrip_fn, quantized_weights, verify_run
 
 from .conftest import TEMPLATE_MARK, build_base, scramble_shards, write_adapter, write_plan
 
@@ -295,7 +295,7 @@ def test_tampered_merge_fails_verification(bases: Any, tmp_path: Path) -> None:
 def test_wrong_merge_is_not_published(
     bases: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from launcher import merge
+    from launcher.merge import run as merge
 
     base = bases("llama")
     run = tmp_path / "run"
@@ -324,7 +324,7 @@ def test_large_models_skip_verification(
     run = tmp_path / "run"
     write_plan(run, str(base))
     write_adapter(run, base)
-    monkeypatch.setattr("launcher.merge.VERIFY_MAX_BYTES", 1000)
+    monkeypatch.setattr("launcher.merge.run.VERIFY_MAX_BYTES", 1000)
     with caplog.at_level(logging.INFO, logger="launcher"):
         out = merge_run(run)
     assert "skipping verification" in caplog.text
@@ -353,12 +353,11 @@ def test_user_errors(bases: Any, tmp_path: Path) -> None:
         merge_run(run)
     with pytest.raises(RunError, match="not a run directory"):
         merge_run(tmp_path)
-    import fcntl
+    from launcher.cli import main
+    from launcher.rundir import RunDir
 
-    with (run / ".merge.lock").open("w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(RunError, match="another merge"):
-            merge_run(run)
+    with RunDir(run).lock("a test"):  # `tune-launch merge` refuses while another holds it
+        assert main(["merge", str(run)]) == 1
 
 
 def test_base_from_offline_hub_cache(

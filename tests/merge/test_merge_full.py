@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from launcher.merge import merge_run
+from launcher.merge.run import merge_run
 
 from .conftest import write_plan
 from .test_merge import load_dir

@@ -20,7 +20,7 @@ PROBE = r"""
 import json, resource, sys, threading, time
 from pathlib import Path
 import psutil, torch, safetensors.torch  # imports are not the merge's memory
-from launcher.merge import merge_run
+from launcher.merge.run import merge_run
 
 proc = psutil.Process()
 before = proc.memory_info().rss

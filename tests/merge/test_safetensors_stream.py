@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from launcher.errors import RunError
-from launcher.safetensors_stream import (
+from launcher.merge.safetensors_stream import (
     TORCH_TO_ST,
     ShardWriter,
     TensorSpec,

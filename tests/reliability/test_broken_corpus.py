@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.recipe import Recipe
+from launcher.config.recipe import Recipe
 
 BROKEN = Path(__file__).resolve().parents[1] / "unit" / "broken"
 SECTIONS = [

@@ -15,7 +15,7 @@ def test_rewind_drops_records_after_the_resumed_step_and_torn_lines(
     tmp_path: Path, record_property: pytest.RecordProperty
 ) -> None:
     record_property("fault_class", "launcher interrupted: step continuity over resumes")
-    from launcher.callbacks import MetricsCallback
+    from launcher.train.callbacks import MetricsCallback
 
     path = tmp_path / "metrics.jsonl"
     records = [{"step": s, "loss": 1.0 / s} for s in (1, 5, 10, 15)]

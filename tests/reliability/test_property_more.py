@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from launcher.cli import main
-from launcher.recipe import Recipe
+from launcher.config.recipe import Recipe
 
 from .conftest import QUICKSTART, TRAIN_DATA
 

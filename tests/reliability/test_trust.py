@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from launcher.plan import ClusterFacts, resolve
-from launcher.recipe import load_recipe, localize
+from launcher.config.plan import ClusterFacts, resolve
+from launcher.config.recipe import load_recipe, localize
 
 from .conftest import QUICKSTART, REPO
 
@@ -113,7 +113,7 @@ def test_load_model_passes_trust_remote_code_from_the_recipe(
     record_property("fault_class", "trust: trust_remote_code off unless the recipe says so")
     import transformers
 
-    from launcher import model as modeling
+    from launcher.train import model as modeling
 
     seen: dict[str, Any] = {}
 
@@ -165,7 +165,7 @@ def test_weights_come_from_safetensors_next_to_a_poisoned_bin(
     import torch
     from safetensors.torch import load_file
 
-    from launcher import model as modeling
+    from launcher.train import model as modeling
 
     model_dir, marker = _poisoned_copy(tiny_model, tmp_path, keep_safetensors=True)
     net = modeling.load_model(_plan(model_dir, "model.dtype=fp32"), str(model_dir))
@@ -179,7 +179,7 @@ def test_a_poisoned_bin_alone_is_refused_without_running(
     tiny_model: Path, tmp_path: Path, record_property
 ) -> None:
     record_property("fault_class", "trust: poisoned pytorch_model.bin only (weights_only)")
-    from launcher import model as modeling
+    from launcher.train import model as modeling
 
     model_dir, marker = _poisoned_copy(tiny_model, tmp_path, keep_safetensors=False)
     with pytest.raises(Exception) as info:

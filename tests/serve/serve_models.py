@@ -113,16 +113,16 @@ def random_adapter(base_dir: Path, out_dir: Path, *, r: int = 8, std: float = 1.
 
 def make_run_dir(root: Path, overrides: list[str] | None = None) -> Path:
     """A run directory named like its run, plan.json from the real resolver (quickstart-like)."""
-    from launcher.plan import ClusterFacts, resolve
-    from launcher.recipe import load_recipe, localize
-    from launcher.rundir import write_run_dir
+    from launcher.config.plan import ClusterFacts, resolve
+    from launcher.config.recipe import load_recipe, localize
+    from launcher.rundir import write_plan
 
     recipe = load_recipe(
         REPO / "recipes" / "quickstart.yaml", [f"name={root.name}", *(overrides or [])]
     )
     recipe = localize(recipe, REPO / "recipes")
     plan = resolve(recipe, ClusterFacts(run_dir=str(root), python=sys.executable, cpus=2))
-    write_run_dir(plan)
+    write_plan(plan)
     return root
 
 

@@ -199,11 +199,11 @@ def test_serve_cli_usage_errors(tmp_path: Path) -> None:
 
 
 def test_layout_one_server_for_lora(tmp_path: Path) -> None:
-    from launcher.rundir import load_plan
+    from launcher.rundir import RunDir
 
     run = _fake_run(tmp_path)
     _fake_adapter(run / "final")
-    groups = servers_for(run, load_plan(run), "auto", 200)
+    groups = servers_for(run, RunDir(run).load_plan(), "auto", 200)
     assert len(groups) == 1
     spec, targets = groups[0]
     assert spec.lora_modules == (("qs", str(run / "final")),) and spec.max_model_len == 200
@@ -215,24 +215,24 @@ def test_layout_one_server_for_lora(tmp_path: Path) -> None:
 
 
 def test_layout_two_servers_for_a_full_fine_tune(tmp_path: Path) -> None:
-    from launcher.rundir import load_plan
+    from launcher.rundir import RunDir
 
     run = _fake_run(tmp_path, ["method.kind=full", "eval.few_shot=0"])
     (run / "final").mkdir()
     (run / "final" / "config.json").write_text(json.dumps({"dtype": "float32"}))
-    groups = servers_for(run, load_plan(run), "auto", None)
+    groups = servers_for(run, RunDir(run).load_plan(), "auto", None)
     assert [(s.model, s.served_name, [t.variant for t in ts]) for s, ts in groups] == [
         (str(run / "final"), "qs", ["finetuned"]),
         (str(run / "base"), "base", ["base"]),
     ]
     with pytest.raises(RunError, match="one-server needs a LoRA adapter"):
-        servers_for(run, load_plan(run), "one-server", None)
+        servers_for(run, RunDir(run).load_plan(), "one-server", None)
 
 
 def test_targets_at_an_endpoint(tmp_path: Path) -> None:
-    from launcher.rundir import load_plan
+    from launcher.rundir import RunDir
 
-    plan = load_plan(_fake_run(tmp_path))
+    plan = RunDir(_fake_run(tmp_path)).load_plan()
     assert [t.model for t in targets_at_endpoint(["base", "qs"], plan)] == ["qs", "base", "base"]
     assert [t.variant for t in targets_at_endpoint(["other"], plan)] == ["finetuned"]
     with pytest.raises(RunError, match="cannot tell the fine-tuned model"):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launcher.preflight import run_preflight
+from launcher.train.preflight import run_preflight
 
 
 def main(run_dir: str) -> int:

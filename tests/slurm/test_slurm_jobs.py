@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from cluster.slurm import SlurmBackend, sbatch_script
-from launcher.plan import ClusterFacts, Plan, resolve
-from launcher.recipe import load_recipe, localize
+from launcher.config.plan import ClusterFacts, Plan, resolve
+from launcher.config.recipe import load_recipe, localize
 
 pytestmark = pytest.mark.slurm
 

@@ -17,8 +17,8 @@ import pytest
 from cluster import rank_env
 from cluster.node_entry import NodeTask, error_summary
 from cluster.slurm import SlurmBackend, sbatch_parameters, sbatch_script, time_minutes
-from launcher.plan import ClusterFacts, Plan, resolve
-from launcher.recipe import load_recipe, localize
+from launcher.config.plan import ClusterFacts, Plan, resolve
+from launcher.config.recipe import load_recipe, localize
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -216,7 +216,7 @@ def test_error_summary_finds_the_root_cause() -> None:
 def test_smoke_keeps_the_plan_and_shrinks_the_rest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from launcher.smoke import smoke_recipe
+    from launcher.config.smoke import smoke_recipe
 
     monkeypatch.chdir(tmp_path)
     recipe = load_recipe(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import checkpoint
+from launcher.train import checkpoint
 
 
 def make(root: Path, step: int, complete: bool = True) -> Path:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from launcher import data
+from launcher.config.recipe import Recipe
+from launcher.data import rows as data
 from launcher.errors import RecipeError
-from launcher.recipe import Recipe
 
 from .conftest import write_jsonl
 

@@ -14,10 +14,11 @@ import pytest
 
 from cluster.base import JobRecord
 from cluster.local import LocalBackend
+from launcher.config.plan import ClusterFacts, Plan, resolve
+from launcher.config.recipe import load_recipe, localize
 from launcher.errors import RunError
-from launcher.plan import ClusterFacts, Plan, resolve
-from launcher.recipe import load_recipe, localize
-from launcher.rundir import write_run_dir
+from launcher.pipeline import run_pipeline
+from launcher.rundir import RunDir, write_plan
 
 from .conftest import QUICKSTART, REPO
 
@@ -101,14 +102,15 @@ def test_restarts_launch_again(tmp_path: Path) -> None:
 def test_a_second_run_in_the_same_directory_is_refused(tmp_path: Path) -> None:
     plan = fake_plan(tmp_path, "ok")
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
-    # the lock is re-entrant within one process (the pipeline holds it around the backend),
-    # so "another run" is another process holding it
+    # the pipeline holds the run directory's lock around the backend: "another run" is
+    # another process holding it
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from cluster.local import run_dir_lock\n"
-            "with run_dir_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)",
+            "import sys, time; from launcher.rundir import RunDir\n"
+            "with RunDir(sys.argv[1]).lock('another run'):\n"
+            "    print('held', flush=True); time.sleep(60)",
             plan.run_dir,
         ],
         cwd=REPO,
@@ -118,18 +120,19 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path: Path) -> None:
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         with pytest.raises(RunError, match="in use by another run"):
-            LocalBackend().submit(plan)
+            run_pipeline(plan, stages=["train"], wait=True)
     finally:
         holder.kill()
         holder.wait()
-    assert LocalBackend().submit(plan) == 0  # the lock went with its holder
+    with RunDir(plan.run_dir).lock("this test"):  # the lock went with its holder
+        assert LocalBackend().submit(plan) == 0
 
 
 def _start_in_background(plan: Plan) -> subprocess.Popen[bytes]:
-    write_run_dir(plan)
+    write_plan(plan)
     code = (
-        "import sys; from cluster.local import LocalBackend; from launcher.rundir import load_plan;"
-        "sys.exit(LocalBackend(grace_s=3).submit(load_plan(sys.argv[1])))"
+        "import sys; from cluster.local import LocalBackend; from launcher.rundir import RunDir;"
+        "sys.exit(LocalBackend(grace_s=3).submit(RunDir(sys.argv[1]).load_plan()))"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, plan.run_dir], cwd=REPO)
     pid_file = Path(plan.run_dir) / "rank.pid"

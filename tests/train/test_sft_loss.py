@@ -27,16 +27,17 @@ def test_model_loss_equals_trl_fused_loss(tmp_path: Path, completion_only: bool)
     import transformers
     from trl import SFTConfig, SFTTrainer
 
-    from launcher import callbacks
-    from launcher.data import to_trainer_row
-    from launcher.recipe import DataConfig
+    from launcher.config.recipe import DataConfig
+    from launcher.data.formats import get_format
     from launcher.tiny import write_tiny
+    from launcher.train import callbacks
 
     base = write_tiny("llama", tmp_path / "base", corpus_files=[str(DATA)])
     tokenizer = transformers.AutoTokenizer.from_pretrained(base)
     data = DataConfig(train=str(DATA), format="alpaca", max_seq_len=64)
     rows = [json.loads(line) for line in DATA.read_text().splitlines()[:32]]
-    train = datasets.Dataset.from_list([to_trainer_row(r, data) for r in rows])
+    convert = get_format(data.format).convert
+    train = datasets.Dataset.from_list([convert(r, data, None) for r in rows])
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     args = SFTConfig(
         output_dir=str(tmp_path / "out"),

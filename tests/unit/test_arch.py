@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.arch import BUILTIN, TINY, ModelShape
+from launcher.config.arch import BUILTIN, TINY, ModelShape
 
 
 def _real_counts(shape: ModelShape, r: int) -> tuple[int, int]:

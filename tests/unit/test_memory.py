@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.arch import BUILTIN
-from launcher.memory import GIB, MemoryInputs, estimate
+from launcher.config.arch import BUILTIN
+from launcher.config.memory import GIB, MemoryInputs, estimate
 
 
 def test_llama8b_lora_ddp_by_hand() -> None:

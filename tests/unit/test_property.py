@@ -9,9 +9,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from launcher.config.plan import ClusterFacts, resolve
+from launcher.config.recipe import load_recipe
 from launcher.errors import RecipeError
-from launcher.plan import ClusterFacts, resolve
-from launcher.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = [

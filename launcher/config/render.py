@@ -8,9 +8,10 @@ Per-node values that only exist inside a SLURM step (`{node_rank}`, `{master_add
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
-from launcher.arch import ModelShape
+from launcher.config.arch import ModelShape
 
 NODE_RANK, MASTER_ADDR, MASTER_PORT = "{node_rank}", "{master_addr}", "{master_port}"
 
@@ -210,3 +211,19 @@ def render_env(
         env["NCCL_IB_DISABLE"] = "1" if ib_disable else "0"
     env.update(user_env)
     return env
+
+
+def render_launch_script(
+    name: str, env: dict[str, str], secrets: list[str], argv: list[str]
+) -> str:
+    """RUN_DIR/launch.sh: the node's command with its environment (secrets by name only)."""
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# tune-launch run {name}: what each node runs",
+        "set -euo pipefail",
+    ]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    if secrets:
+        lines.append(f"# secrets passed from the submitting environment: {' '.join(secrets)}")
+    lines.append("exec " + shlex.join(argv))
+    return "\n".join(lines) + "\n"

@@ -31,9 +31,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from launcher import arch
+from launcher.config import arch
+from launcher.config.recipe import Recipe
+from launcher.data.formats import Example, get_format
 from launcher.errors import Problem, RecipeError
-from launcher.recipe import Recipe
 
 SMOKE_STEPS = 6
 SMOKE_SAVE_STEPS = 3
@@ -74,6 +75,7 @@ def _family(recipe: Recipe) -> str:
 def synthetic_rows(recipe: Recipe, count: int = SMOKE_ROWS) -> list[dict[str, Any]]:
     """Deterministic rows of the recipe's data format (a toy sentiment task)."""
     data = recipe.data
+    fmt = get_format(data.format)
     rows: list[dict[str, Any]] = []
     for i in range(count):
         word = _WORDS[i % len(_WORDS)]
@@ -81,25 +83,9 @@ def synthetic_rows(recipe: Recipe, count: int = SMOKE_ROWS) -> list[dict[str, An
         thing = _THINGS[(i // len(_WORDS) ** 2 + i) % len(_THINGS)]
         text = f"the {other} {thing} felt {word}"
         label = "positive" if word in _GOOD else "negative"
-        question = "Is this review positive or negative?"
-        if data.format == "alpaca":
-            rows.append({"instruction": question, "input": text, "output": label})
-        elif data.format == "messages":
-            rows.append(
-                {
-                    "messages": [
-                        {"role": "user", "content": f"{question} {text}"},
-                        {"role": "assistant", "content": label},
-                    ]
-                }
-            )
-        elif data.format == "text":
-            rows.append({data.text_column: f"{text}, so it was {label}."})
-        elif data.format == "preference":
-            wrong = "negative" if label == "positive" else "positive"
-            rows.append({"prompt": f"{question} {text}", "chosen": label, "rejected": wrong})
-        else:  # classification
-            rows.append({data.text_column: text, data.label_column: label})
+        wrong = "negative" if label == "positive" else "positive"
+        example = Example("Is this review positive or negative?", text, label, wrong)
+        rows.append(fmt.example(example, data))
     return rows
 
 

@@ -25,7 +25,6 @@ when the model is above VERIFY_MAX_BYTES in fp32.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
 import hashlib
 import json
@@ -40,8 +39,9 @@ from typing import Any
 
 import torch
 
+from launcher.config.plan import Plan
 from launcher.errors import RunError
-from launcher.lora_merge import (
+from launcher.merge.lora import (
     MODEL_PREFIX,
     LoraWeight,
     auto_class,
@@ -52,9 +52,8 @@ from launcher.lora_merge import (
     quantized_weights,
     stream_merge,
 )
-from launcher.plan import Plan
-from launcher.rundir import base_model_path, load_plan
-from launcher.safetensors_stream import INDEX_NAME, SINGLE_NAME, TensorSpec, open_checkpoint
+from launcher.merge.safetensors_stream import INDEX_NAME, SINGLE_NAME, TensorSpec, open_checkpoint
+from launcher.rundir import RunDir
 
 # the merge's maths lives in launcher.lora_merge; these names stay importable from here
 __all__ = ["LoraWeight", "merge_run", "nf4_roundtrip_fn", "quantized_weights", "verify_run"]
@@ -97,7 +96,7 @@ def resolve_base(plan: Plan, run_dir: Path) -> Path:
         if not path.is_dir():
             raise RunError(f"{path} does not exist: the tiny base is built when training starts")
         return path
-    source = base_model_path(plan)
+    source = plan.base_model
     if Path(source).is_dir():
         return Path(source)
     if source.startswith(("/", "./", "../", "~")):
@@ -180,16 +179,6 @@ def publish(tmp: Path, out: Path, marker: dict[str, Any]) -> None:
     tmp.rename(out)
     if old.exists():
         shutil.rmtree(old)
-
-
-@contextlib.contextmanager
-def _lock(run_dir: Path) -> Iterator[None]:
-    with (run_dir / ".merge.lock").open("w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunError(f"another merge of {run_dir} is running (.merge.lock is held)") from None
-        yield
 
 
 @contextlib.contextmanager
@@ -302,7 +291,7 @@ def verify(
 def verify_run(run_dir: Path) -> float:
     """Verify an existing RUN_DIR/merged against base + adapter (RunError on mismatch)."""
     run_dir = Path(run_dir).resolve()
-    plan = load_plan(run_dir)
+    plan = RunDir(run_dir).load_plan()
     if plan.recipe.method.kind == "full":
         raise RunError("method=full has no adapter to verify the merged model against")
     base_dir = resolve_base(plan, run_dir)
@@ -324,8 +313,8 @@ def merge_run(run_dir: Path, force: bool = False, *, verify_merge: bool | None =
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "plan.json").is_file():
         raise RunError(f"{run_dir} is not a run directory (no plan.json)")
-    plan = load_plan(run_dir)
-    with _logging_to(run_dir), _lock(run_dir):
+    plan = RunDir(run_dir).load_plan()
+    with _logging_to(run_dir):
         start = time.monotonic()
         if plan.recipe.method.kind == "full":
             out = _merge_full(plan, run_dir, force)

@@ -38,7 +38,7 @@ class SaveOnSignal(TrainerCallback):
     def _agreed(self) -> bool:
         import torch.distributed as dist
 
-        from launcher.callbacks import any_rank
+        from launcher.train.callbacks import any_rank
 
         nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
         return any_rank(self.requested, "cuda" if nccl else "cpu")

@@ -14,9 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from launcher import arch, memory, render
+from launcher.config import arch, memory, render
+from launcher.config.recipe import Recipe
+from launcher.data.formats import get_format
 from launcher.errors import Problem, RecipeError
-from launcher.recipe import Recipe
 
 PLAN_VERSION = 1
 
@@ -68,6 +69,17 @@ class Plan(BaseModel):
     @property
     def accelerate_path(self) -> str:
         return f"{self.run_dir}/accelerate.yaml"
+
+    @property
+    def tiny_arch(self) -> str | None:
+        """The architecture of a `tiny:<arch>` base model, built into RUN_DIR/base."""
+        name = self.recipe.model.name_or_path
+        return name.removeprefix("tiny:") if name.startswith("tiny:") else None
+
+    @property
+    def base_model(self) -> str:
+        """Where the base model is read from: RUN_DIR/base for tiny:<arch>, else the recipe's."""
+        return f"{self.run_dir}/base" if self.tiny_arch else self.recipe.model.name_or_path
 
 
 def _shape(recipe: Recipe, facts: ClusterFacts) -> arch.ModelShape | None:
@@ -203,14 +215,14 @@ def _compat(
                 train.optimizer,
             )
         )
-    task, fmt = recipe.model.task, recipe.data.format
-    if (task == "sequence_classification") != (fmt == "classification"):
+    task, fmt = recipe.model.task, get_format(recipe.data.format)
+    if fmt.task != task:
         problems.append(
             Problem(
                 "data.format",
-                f"model.task={task} does not go with data.format={fmt}",
-                "use model.task=sequence_classification with data.format=classification",
-                fmt,
+                f"model.task={task} does not go with data.format={fmt.name}",
+                f"data.format={fmt.name} trains model.task={fmt.task}",
+                fmt.name,
             )
         )
     if task == "sequence_classification" and recipe.model.num_labels is None:
@@ -230,11 +242,11 @@ def _compat(
                 task,
             )
         )
-    if recipe.data.packing and fmt in ("preference", "classification"):
+    if recipe.data.packing and not fmt.packable:
         problems.append(
             Problem(
                 "data.packing",
-                f"packing does not apply to {fmt} data",
+                f"packing does not apply to {fmt.name} data",
                 "set data.packing=false",
                 True,
             )

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from launcher import checkpoint
+from launcher.train import checkpoint
 
 log = logging.getLogger(__name__)
 metrics_log = logging.getLogger("metrics")  # the log file only: the progress bar shows them

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from launcher.plan import Plan
+from launcher.config.plan import Plan
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from launcher.plan import Plan
+from launcher.config.plan import Plan
 
 
 def plan_summary(plan: Plan) -> dict[str, Any]:

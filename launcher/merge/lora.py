@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from launcher.errors import RunError
-from launcher.safetensors_stream import (
+from launcher.merge.safetensors_stream import (
     ST_FLOAT,
     TORCH_TO_ST,
     Checkpoint,

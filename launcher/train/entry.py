@@ -20,10 +20,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from launcher import checkpoint, data
+from launcher.config.plan import Plan
+from launcher.data import rows as data
 from launcher.errors import RecipeError
-from launcher.plan import Plan
-from launcher.rundir import base_model_path, load_plan
+from launcher.rundir import RunDir
+from launcher.train import checkpoint
 
 log = logging.getLogger("launcher.train")
 DATA_CACHE = "data_cache"  # the splits as Arrow files and the trainer's tokenized caches
@@ -82,13 +83,6 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def lock_run_dir(run_dir: Path) -> Any:
-    """Rank 0 holds RUN_DIR/.train.lock while training: two runs never interleave."""
-    from launcher.runlock import acquire
-
-    return acquire(run_dir / ".train.lock", "a training run")
 
 
 def shared_dataset(run_dir: Path, name: str, rows: list[dict[str, Any]], main: bool) -> Any:
@@ -212,10 +206,9 @@ def classification_metrics(prediction: Any) -> dict[str, float]:
 def train(plan: Plan, run_dir: Path, rank: int) -> None:
     import transformers
 
-    from launcher import callbacks
-    from launcher import model as modeling
-    from launcher.preflight import run_preflight
-    from launcher.rundir import ensure_base
+    from launcher.train import callbacks
+    from launcher.train import model as modeling
+    from launcher.train.preflight import run_preflight
 
     recipe = plan.recipe
     run_preflight(recipe.distributed.preflight_timeout_s, plan.on_gpu)
@@ -225,13 +218,11 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
         # DeepSpeed's view of the group preflight formed (ZeRO-3 partitions weights at load)
         deepspeed.init_distributed(dist_backend="nccl" if plan.on_gpu else "gloo")
     main = rank == 0
-    lock = lock_run_dir(run_dir) if main else None
 
-    # the base model: the pipeline builds tiny ones before launching; build it if it is missing
-    base = base_model_path(plan)
-    if main:
-        ensure_base(plan)
-    barrier()
+    # the base model: tiny ones are built by the submitting host before any rank starts
+    base = plan.base_model
+    if plan.tiny_arch and not Path(base, "config.json").is_file():
+        raise RuntimeError(f"{base} is missing: start runs with `tune-launch RECIPE`")
 
     # resume from the last complete checkpoint; partial ones are removed first
     ckpts = checkpoint.checkpoints_dir(run_dir)
@@ -293,7 +284,7 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
         write_extras=write_extras,
         model_loss=recipe.data.format in SFT_FORMATS,
     )
-    from launcher.preemption import MARKER, SaveOnSignal
+    from launcher.train.preemption import MARKER, SaveOnSignal
 
     on_signal = SaveOnSignal()
     extra_callbacks: list[Any] = [callbacks.MetricsCallback(run_dir), on_signal]
@@ -362,7 +353,6 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
             (run_dir / MARKER).write_text(json.dumps({"step": on_signal.stopped_at}))
             log.info("stopped at step %d for a requeue", on_signal.stopped_at)
         barrier()
-        del lock
         return
     if eval_ds is not None and fmt == "classification":
         metrics = trainer.evaluate()
@@ -374,7 +364,6 @@ def train(plan: Plan, run_dir: Path, rank: int) -> None:
     )
     if main:  # the tokenized copies can be as large as the data; an attempt rebuilds them
         shutil.rmtree(run_dir / DATA_CACHE, ignore_errors=True)
-    del lock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m launcher.train RUN_DIR", file=sys.stderr)
         return 2
     run_dir = Path(argv[0]).resolve()
-    plan = load_plan(run_dir)
+    plan = RunDir(run_dir).load_plan()
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(run_dir, rank)
     code, failure = 0, ""

@@ -2,19 +2,9 @@
 
 Runs twice with the same code: on the launcher side before any process starts
 (`validate_data(recipe)`, so bad data fails in a second with exit 2), and on every rank
-(`load_datasets`), where rows are also measured in tokens. Every rank computes the same thing
-from the same files (deterministic), only rank 0 logs it.
-
-Formats (data.format) and what a valid row holds:
-    alpaca          instruction (str), input (str, optional), output (str, non-empty)
-    messages        messages: [{role, content}, ...] ending with an assistant turn
-    text            <text_column>: str  (continued pretraining)
-    preference      prompt, chosen, rejected: str or message lists (DPO)
-    classification  <text_column>: str, <label_column>: int in [0, num_labels) or str
-
-Rows given to the trainers: alpaca and messages become conversational prompt/completion
-(TRL applies the chat template and masks the prompt out of the loss), preference becomes
-conversational prompt/chosen/rejected, text stays {"text"}, classification {"text", "label"}.
+(`load_splits`), where rows are also measured in tokens. Every rank computes the same thing
+from the same files (deterministic), only rank 0 logs it. What a valid row of each
+data.format holds, and the row its trainer takes, is the format's own (launcher/data/formats.py).
 """
 
 from __future__ import annotations
@@ -27,18 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.data_files import RowProblem, is_local, read_rows
+from launcher.config.recipe import DataConfig, Recipe
+from launcher.data.files import RowProblem, is_local, read_rows
+from launcher.data.formats import Row, class_label, get_format
 from launcher.errors import Problem, RecipeError
-from launcher.recipe import DataConfig, Recipe
 
 log = logging.getLogger(__name__)
 
-CHAT_FORMATS = ("alpaca", "messages", "preference")
-ROLES = ("system", "user", "assistant", "tool")
 MAX_LISTED = 20  # problems listed in an error; the rest are counted
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>")
-
-Row = dict[str, Any]
 
 
 @dataclass
@@ -77,140 +64,12 @@ class DataReport:
         }
 
 
-# --------------------------------------------------------------------------------------------
-# Validation per format
-
-
-def _text_problem(
-    row: Row, key: str, *, required: bool = True, non_empty: bool = True
-) -> str | None:
-    if key not in row or row[key] is None:
-        return f"missing field {key!r}" if required else None
-    value = row[key]
-    if not isinstance(value, str):
-        return f"field {key!r} must be a string (got {type(value).__name__})"
-    if non_empty and not value.strip():
-        return f"empty {key!r}"
-    return None
-
-
-def _messages_problem(value: Any, key: str, *, last_assistant: bool) -> str | None:
-    if not isinstance(value, list) or not value:
-        return f"{key!r} must be a non-empty list of {{role, content}} messages"
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            return f"{key}[{i}] must be an object with 'role' and 'content'"
-        if message["role"] not in ROLES:
-            return f"{key}[{i}].role {message['role']!r} is not one of {', '.join(ROLES)}"
-        if not isinstance(message["content"], str):
-            return f"{key}[{i}].content must be a string"
-    if last_assistant:
-        if value[-1]["role"] != "assistant":
-            return f"the last message of {key!r} must be the assistant's (it is trained on)"
-        if not value[-1]["content"].strip():
-            return f"empty assistant message at the end of {key!r}"
-    return None
-
-
-def _turn_problem(row: Row, key: str, *, completion: bool) -> str | None:
-    if key not in row or row[key] is None:
-        return f"missing field {key!r}"
-    value = row[key]
-    if isinstance(value, str):
-        return f"empty {key!r}" if not value.strip() else None
-    return _messages_problem(value, key, last_assistant=completion)
-
-
-def row_problem(row: Row, data: DataConfig, num_labels: int | None) -> str | None:
-    """Why a row cannot be trained on, or None."""
-    fmt = data.format
-    if fmt == "alpaca":
-        return (
-            _text_problem(row, "instruction")
-            or _text_problem(row, "input", required=False, non_empty=False)
-            or _text_problem(row, "output")
-        )
-    if fmt == "messages":
-        if "messages" not in row:
-            return "missing field 'messages'"
-        return _messages_problem(row["messages"], "messages", last_assistant=True)
-    if fmt == "text":
-        return _text_problem(row, data.text_column)
-    if fmt == "preference":
-        problem = (
-            _turn_problem(row, "prompt", completion=False)
-            or _turn_problem(row, "chosen", completion=True)
-            or _turn_problem(row, "rejected", completion=True)
-        )
-        if problem is None and row["chosen"] == row["rejected"]:
-            problem = "'chosen' equals 'rejected': no preference to learn"
-        return problem
-    # classification
-    problem = _text_problem(row, data.text_column)
-    if problem:
-        return problem
-    if data.label_column not in row or row[data.label_column] is None:
-        return f"missing field {data.label_column!r}"
-    label = row[data.label_column]
-    if isinstance(label, bool) or not isinstance(label, int | str):
-        return f"label must be an integer or a string (got {type(label).__name__})"
-    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
-        label = int(label)  # CSV gives strings
-    if isinstance(label, str) and not label.strip():
-        return "empty label"
-    if isinstance(label, int) and num_labels is not None and not 0 <= label < num_labels:
-        return f"label {label} is outside 0..{num_labels - 1} (model.num_labels={num_labels})"
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Conversion to trainer rows
-
-
-def _as_turns(value: Any, role: str) -> list[dict[str, str]]:
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def to_trainer_row(row: Row, data: DataConfig, labels: dict[str, int] | None = None) -> Row:
-    """One validated row in the shape its trainer takes."""
-    fmt = data.format
-    if fmt == "alpaca":
-        user = row["instruction"]
-        if row.get("input"):
-            user = f"{user}\n\n{row['input']}"
-        return {
-            "prompt": [{"role": "user", "content": user}],
-            "completion": [{"role": "assistant", "content": row["output"]}],
-        }
-    if fmt == "messages":
-        messages = _as_turns(row["messages"], "user")
-        return {"prompt": messages[:-1], "completion": messages[-1:]}
-    if fmt == "text":
-        return {"text": row[data.text_column]}
-    if fmt == "preference":
-        return {
-            "prompt": _as_turns(row["prompt"], "user"),
-            "chosen": _as_turns(row["chosen"], "assistant"),
-            "rejected": _as_turns(row["rejected"], "assistant"),
-        }
-    label = row[data.label_column]
-    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
-        label = int(label)
-    if isinstance(label, str):
-        if labels is None:
-            raise ValueError("string labels need a label mapping")
-        label = labels[label.strip()]
-    return {"text": row[data.text_column], "label": int(label)}
-
-
 def label_mapping(rows: Iterable[Row], data: DataConfig) -> dict[str, int] | None:
     """Sorted string labels -> ids, or None when the labels are integers."""
     names = set()
     for row in rows:
-        label = row.get(data.label_column)
-        if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
+        label = class_label(row.get(data.label_column))
+        if isinstance(label, str):
             names.add(label.strip())
     return {name: i for i, name in enumerate(sorted(names))} if names else None
 
@@ -270,23 +129,24 @@ def check_source(
     numbered, problems = read_rows(source, field_name)
     name = Path(source).name if is_local(source) else source
     report = DataReport(source=name, read=len(numbered) + len(problems))
-    if data.format == "classification" and labels is None:
+    fmt = get_format(data.format)
+    if fmt.trainer == "classification" and labels is None:
         labels = label_mapping((r for _, r in numbered), data)
     seen: set[str] = set()
     valid: list[Row] = []
     for number, row in numbered:
-        problem = row_problem(row, data, None if labels else num_labels)
+        problem = fmt.problem(row, data, None if labels else num_labels)
         if problem is None and labels and num_labels is not None and len(labels) > num_labels:
             problem = f"{len(labels)} distinct string labels but model.num_labels={num_labels}"
-        if problem is None and data.format == "classification" and labels:
+        if problem is None and fmt.trainer == "classification" and labels:
             label = str(row[data.label_column]).strip()
             if label not in labels:
                 problem = f"label {label!r} is not among the training labels {sorted(labels)}"
         if problem is None:
-            trainer_row = to_trainer_row(row, data, labels)
+            trainer_row = fmt.convert(row, data, labels)
             if measure is not None:
                 prompt_len, total = measure(trainer_row)
-                if data.format in CHAT_FORMATS and prompt_len >= data.max_seq_len:
+                if fmt.chat and prompt_len >= data.max_seq_len:
                     problem = (
                         f"prompt is {prompt_len} tokens, max_seq_len is {data.max_seq_len}: "
                         "no completion token would be trained"
@@ -397,7 +257,7 @@ def prepare_tokenizer(tokenizer: Any, recipe: Recipe) -> bool:
     data = recipe.data
     if data.chat_template:
         tokenizer.chat_template = data.chat_template
-    if data.format in CHAT_FORMATS and not tokenizer.chat_template:
+    if get_format(data.format).chat and not tokenizer.chat_template:
         raise RecipeError(
             [
                 Problem(
