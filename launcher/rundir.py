@@ -30,10 +30,12 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -44,6 +46,14 @@ if TYPE_CHECKING:
 
 COMPLETE = "COMPLETE"
 CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path
+    complete: bool
 
 
 class RunDir:
@@ -147,6 +157,21 @@ class RunDir:
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
+
+    def list_checkpoints(self) -> list[Checkpoint]:
+        """checkpoints/checkpoint-<step> directories, oldest first, complete or not."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for child in self.checkpoints.iterdir():
+            match = _CHECKPOINT_RE.match(child.name)
+            if match and child.is_dir():
+                found.append(Checkpoint(int(match[1]), child, self.is_complete(child)))
+        return sorted(found, key=lambda c: c.step)
+
+    def last_complete_checkpoint(self) -> Checkpoint | None:
+        complete = [c for c in self.list_checkpoints() if c.complete]
+        return complete[-1] if complete else None
 
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
