@@ -8,44 +8,23 @@ scancel, submitit's files). Exit codes: 0 ok (status: the job completed or is st
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from cluster.base import JobRecord
+from cluster.base import Backend, JobRecord, backend_named
 from launcher.errors import RunError
+from launcher.rundir import RunDir
 
 
-def _backend(run_dir: Path) -> tuple[Any, JobRecord]:
+def _backend(run_dir: Path) -> tuple[Backend[Any], JobRecord]:
     record = JobRecord.load(run_dir)
     if record is None:
         raise RunError(
             f"no job recorded in {run_dir} (no job.json): was it started with "
             f"`tune-launch RECIPE --run-dir {run_dir}`?"
         )
-    if record.backend == "slurm":
-        from cluster.slurm import SlurmBackend
-
-        return SlurmBackend(), record
-    if record.backend == "local":
-        from cluster.local import LocalBackend
-
-        return LocalBackend(), record
-    raise RunError(f"{run_dir}/job.json names an unknown backend {record.backend!r}")
-
-
-def _last_step(run_dir: Path) -> int | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    step = None
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            step = json.loads(line).get("step", step)
-        except ValueError:
-            continue
-    return step
+    return backend_named(record.backend), record
 
 
 def print_status(run_dir: Path) -> int:
@@ -62,11 +41,12 @@ def print_status(run_dir: Path) -> int:
         if extra.get("requeues"):
             details.append(f"requeued {extra['requeues']}x (preemption/time limit)")
         print("  " + ", ".join(details))
-    step = _last_step(run_dir)
+    run = RunDir(run_dir)
+    step = run.last_step()
     if step is not None:
         print(f"  last logged step: {step}")
-    if (run_dir / "final").is_dir():
-        print(f"  final model: {run_dir / 'final'}")
+    if run.final.is_dir():
+        print(f"  final model: {run.final}")
     if record.error:
         print(f"  error: {record.error}")
     if record.state in ("FAILED", "CANCELLED", "PREEMPTED", "UNKNOWN"):
@@ -95,5 +75,5 @@ def print_logs(run_dir: Path, rank: int = 0, follow: bool = False) -> int:
     except KeyboardInterrupt:
         return 0
     if not shown:
-        print(f"no log yet for rank {rank} in {run_dir / 'logs'}", file=sys.stderr)
+        print(f"no log yet for rank {rank} in {RunDir(run_dir).logs}", file=sys.stderr)
     return 0

@@ -1,19 +1,22 @@
 """The local backend: one node, the plan's launch command (torchrun / accelerate launch) as a
-subprocess in its own process group.
+subprocess in its own process group, in the foreground.
 
-- plan.env is merged into this process's environment; secrets reach the ranks only through
-  that inherited environment, never through a file.
-- RUN_DIR/.lock (fcntl) is held for the whole run: a second run in the same directory refuses.
-- RUN_DIR/job.json records the job (backend local, a uuid, the process group), its state and
-  its error; `status`, `cancel` and `logs` work from the run directory alone.
+- `prepare(plan)` -> LocalRequest: the command, plan.env (merged over this process's
+  environment), the secrets' names (they reach the ranks only through that inherited
+  environment, never through a file), the working directory and the number of attempts.
+  `submit(request)` runs exactly that. The run directory's lock is the caller's (the
+  pipeline holds it around the whole run).
+- RUN_DIR/job.json records the job (backend local, an id, the process group), its state and
+  its error; `status`, `wait`, `cancel` and `logs` work from the run directory alone.
 - The launcher's output (rank 0's progress; other ranks write to logs/rank{N}.log) streams to
   the terminal and to logs/launcher.log.
 - A rank that dies takes the others down: torchrun runs with --max-restarts=0 and a 1 s
   monitor, and stops the surviving workers as soon as one fails, well before any collective
   timeout. The failing rank and the end of its log are reported (exit 1).
-- train.restarts > 0: the launch is started again; train.py resumes from the last complete
+- train.restarts > 0: the launch is started again; the rank resumes from the last complete
   checkpoint by itself.
-- Ctrl-C / SIGTERM: SIGTERM to the process group, SIGKILL after a grace period.
+- Ctrl-C / SIGTERM / `tune-launch cancel`: the process group and every rank are stopped
+  (launcher/process.py: SIGTERM, SIGKILL after a grace period).
 """
 
 from __future__ import annotations
@@ -21,108 +24,61 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import select
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from cluster.base import JobRecord
+from cluster.base import ENDED, JobRecord, record_request
+from cluster.diagnose import first_failure, tail
+from launcher import process
 from launcher.config.plan import Plan
 from launcher.errors import RunError
+from launcher.rundir import RunDir
 
 log = logging.getLogger("tune_launch")
 
-CANCEL_FILE = ".cancel"
 GRACE_S = 20.0
-TAIL_LINES = 25
 
 
-# --------------------------------------------------------------------------------------------
-# Process groups
+@dataclass(frozen=True)
+class LocalRequest:
+    """What the local backend runs: `argv` in `cwd`, with `env` over this process's
+    environment, `attempts` times at most (1 + train.restarts) until one succeeds."""
 
+    run_dir: str
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    secrets: tuple[str, ...]
+    cwd: str
+    attempts: int
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def stop_group(pgid: int, grace_s: float = GRACE_S) -> None:
-    """SIGTERM to the group, SIGKILL to what is left after grace_s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _group_alive(pgid):
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-# --------------------------------------------------------------------------------------------
-# Diagnosis of a failed launch
-
-
-def failing_rank(run_dir: Path, output: str, since: float) -> int | None:
-    """The rank that failed first: torchrun's root-cause report, else the oldest .error file
-    written by a rank since the launch started."""
-    root = output.rfind("Root Cause")
-    if root >= 0:
-        match = re.search(r"rank\s*:\s*(\d+)", output[root:])
-        if match:
-            return int(match[1])
-    errors = []
-    for path in (run_dir / "logs").glob("rank*.error"):
-        found = re.fullmatch(r"rank(\d+)\.error", path.name)
-        if found and path.stat().st_mtime >= since:
-            errors.append((path.stat().st_mtime, int(found[1])))
-    return min(errors)[1] if errors else None
-
-
-def root_cause_signal(output: str) -> str | None:
-    """The signal that killed the first failing rank, from torchrun's root-cause report
-    (`exitcode  : -9 (pid: N)  (SIGKILL)`): a rank killed from outside writes no error."""
-    root = output.rfind("Root Cause")
-    if root < 0:
-        return None
-    match = re.search(r"exitcode\s*:\s*-\d+[^\n]*\((SIG[A-Z0-9]+)\)", output[root:])
-    return match[1] if match else None
-
-
-def tail(path: Path, lines: int = TAIL_LINES) -> str:
-    if not path.is_file():
-        return ""
-    with path.open("rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        fh.seek(max(0, fh.tell() - 64 * 1024))
-        text = fh.read().decode("utf-8", errors="replace")
-    text = text.replace("\r", "\n")
-    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
-
-
-# --------------------------------------------------------------------------------------------
-# The backend
+    def render(self) -> str:
+        run = RunDir(self.run_dir)
+        secrets = " ".join(self.secrets) + " (from this environment, never written)"
+        rows = [
+            ("cwd", shlex.quote(self.cwd)),
+            ("command", shlex.join(self.argv)),
+            *(("env", f"{k}={shlex.quote(v)}") for k, v in sorted(self.env.items())),
+            ("secrets", secrets if self.secrets else "none"),
+            ("output", f"this terminal and {run.launcher_log}; every rank logs in {run.logs}"),
+            (
+                "attempts",
+                f"{self.attempts} (1 + train.restarts; a relaunch resumes from the "
+                "last complete checkpoint)",
+            ),
+        ]
+        title = "--- local launch (a subprocess in its own process group, on this host)"
+        return "\n".join([title, *(f"{key:<9} {value}" for key, value in rows)])
 
 
 class LocalBackend:
@@ -132,99 +88,104 @@ class LocalBackend:
         self.grace_s = grace_s
         self._stop_signal: int | None = None
 
-    def dryrun(self, plan: Plan) -> dict[str, str]:
-        from launcher.config.render import render_launch_script
+    def prepare(self, plan: Plan) -> LocalRequest:
+        return LocalRequest(
+            run_dir=plan.run_dir,
+            argv=tuple(plan.launch),
+            env=dict(plan.env),
+            secrets=tuple(plan.secrets),
+            cwd=os.getcwd(),
+            attempts=1 + plan.recipe.train.restarts,
+        )
 
-        return {
-            "launch (a subprocess in its own process group, plan.env merged into the "
-            "environment)": render_launch_script(plan.name, plan.env, plan.secrets, plan.launch)
-        }
-
-    def submit(self, plan: Plan, *, wait: bool = True) -> int:
-        """Run the launch in the foreground (the local backend always waits)."""
-        return self._run(plan, Path(plan.run_dir))
-
-    def _run(self, plan: Plan, run_dir: Path) -> int:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (run_dir / CANCEL_FILE).unlink(missing_ok=True)
-        env = {**os.environ, **plan.env}
+    def submit(self, request: LocalRequest) -> int:
+        """Run the request in the foreground: 0 when an attempt succeeds, else 1 (130 after
+        Ctrl-C)."""
+        record_request(request)
+        run = RunDir(request.run_dir)
+        run.logs.mkdir(parents=True, exist_ok=True)
+        run.cancel_file.unlink(missing_ok=True)
         record = JobRecord(
             backend="local",
             job_id=uuid.uuid4().hex[:12],
             state="RUNNING",
             extra={"host": socket.gethostname(), "launcher_pid": os.getpid(), "attempt": 0},
         )
-        attempts = 1 + plan.recipe.train.restarts
-        previous = {signal.SIGINT: signal.getsignal(signal.SIGINT)}
-        previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
-        self._stop_signal = None
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            self._stop_signal = signum
-
-        handle_signals = threading.current_thread() is threading.main_thread()
-        if handle_signals:
-            signal.signal(signal.SIGINT, on_signal)
-            signal.signal(signal.SIGTERM, on_signal)
-        try:
-            for attempt in range(1, attempts + 1):
+        with self._catching_signals():
+            for attempt in range(1, request.attempts + 1):
                 started = time.time()
-                code, output = self._launch_once(plan, env, record, attempt, run_dir)
+                code, output = self._launch_once(request, record, attempt)
                 if code == 0:
                     record.state, record.error = "COMPLETED", None
-                    record.save(run_dir)
+                    record.save(run.path)
                     return 0
-                if self._stop_signal is not None or (run_dir / CANCEL_FILE).exists():
+                if self._stop_signal is not None or run.cancel_file.exists():
                     record.state, record.error = "CANCELLED", "stopped by a signal or cancel"
-                    record.save(run_dir)
+                    record.save(run.path)
                     print(
                         f"training stopped; resume it by running the same command again "
-                        f"(run dir {run_dir})",
+                        f"(run dir {run.path})",
                         file=sys.stderr,
                     )
                     return 130 if self._stop_signal == signal.SIGINT else 1
-                rank = failing_rank(run_dir, output, started)
-                where = f"rank {rank}" if rank is not None else "the launcher"
-                killed = root_cause_signal(output)
-                how = f"killed by {killed}, " if killed else ""
-                record.error = f"{where} failed ({how}exit code {code}) on attempt {attempt}"
-                if attempt < attempts:
+                failure = first_failure(run, output, started)
+                how = f"killed by {failure.signal}, " if failure.signal else ""
+                record.error = (
+                    f"{failure.where} failed ({how}exit code {code}) on attempt {attempt}"
+                )
+                if attempt < request.attempts:
                     log.warning(
                         "%s; restarting from the last complete checkpoint (restart %d of %d)",
                         record.error,
                         attempt,
-                        attempts - 1,
+                        request.attempts - 1,
                     )
-                    record.save(run_dir)
+                    record.save(run.path)
                     continue
                 record.state = "FAILED"
-                record.save(run_dir)
-                log_path = run_dir / "logs" / f"rank{rank if rank is not None else 0}.log"
-                lines = tail(log_path) or tail(run_dir / "logs" / "launcher.log")
+                record.save(run.path)
+                rank = failure.rank if failure.rank is not None else 0
+                lines = tail(run.rank_log(rank)) or tail(run.launcher_log)
                 print(
-                    f"error: training failed: {record.error}\n--- last lines of {log_path}:\n"
-                    f"{lines}\n---\nfull logs: tune-launch logs {run_dir} --rank "
-                    f"{rank if rank is not None else 0}",
+                    f"error: training failed: {record.error}\n--- last lines of "
+                    f"{run.rank_log(rank)}:\n{lines}\n---\nfull logs: tune-launch logs "
+                    f"{run.path} --rank {rank}",
                     file=sys.stderr,
                 )
-                return 1
-            return 1
+        return 1
+
+    @contextlib.contextmanager
+    def _catching_signals(self) -> Iterator[None]:
+        """Ctrl-C and SIGTERM stop the launch instead of this process (main thread only)."""
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            self._stop_signal = signum
+
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, on_signal)
+        try:
+            yield
         finally:
-            if handle_signals:
-                for signum, handler in previous.items():
-                    signal.signal(signum, handler)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _launch_once(
-        self, plan: Plan, env: dict[str, str], record: JobRecord, attempt: int, run_dir: Path
+        self, request: LocalRequest, record: JobRecord, attempt: int
     ) -> tuple[int, str]:
-        import subprocess
-
-        argv = list(plan.launch)
-        log.info("launch (attempt %d): %s", attempt, shlex.join(argv))
-        launcher_log = (run_dir / "logs" / "launcher.log").open("ab")
+        """One attempt: the output streamed to the terminal and logs/launcher.log; returns the
+        exit code and the output's last 256 KiB."""
+        run = RunDir(request.run_dir)
+        log.info("launch (attempt %d): %s", attempt, shlex.join(request.argv))
+        launcher_log = run.launcher_log.open("ab")
         proc = subprocess.Popen(
-            argv,
-            env=env,
+            request.argv,
+            env={**os.environ, **request.env},
+            cwd=request.cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -232,28 +193,24 @@ class LocalBackend:
         )
         record.pids = [proc.pid]
         record.extra |= {"pgid": proc.pid, "attempt": attempt, "started": time.time()}
-        record.save(run_dir)
+        record.save(run.path)
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
         kept = bytearray()
         out = getattr(sys.stderr, "buffer", None)
-        kill_at: float | None = None
+        stopper: threading.Thread | None = None
         try:
             while True:
-                if self._stop_signal is not None and kill_at is None:
+                if self._stop_signal is not None and stopper is None:
                     log.warning(
                         "stopping the run (signal %d): SIGTERM to its processes", self._stop_signal
                     )
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGTERM)
-                    kill_at = time.monotonic() + self.grace_s
-                if kill_at is not None and time.monotonic() > kill_at:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    kill_at = float("inf")
+                    # stopped in a thread: this one keeps reading the output until it ends
+                    stopper = threading.Thread(target=self._stop, args=(proc,), daemon=True)
+                    stopper.start()
                 ready, _, _ = select.select([fd], [], [], 0.5)
                 if not ready:
-                    if proc.poll() is not None and not _group_alive(proc.pid):
+                    if proc.poll() is not None and not process.group_alive(proc.pid):
                         break
                     continue
                 try:
@@ -271,11 +228,16 @@ class LocalBackend:
                 del kept[: max(0, len(kept) - 256 * 1024)]
             code = proc.wait()
         finally:
-            if proc.poll() is None or _group_alive(proc.pid):
-                stop_group(proc.pid, self.grace_s)
+            if stopper is not None:
+                stopper.join()
+            if proc.poll() is None or process.group_alive(proc.pid):
+                self._stop(proc)
                 proc.wait()
             launcher_log.close()
         return code, kept.decode("utf-8", errors="replace")
+
+    def _stop(self, proc: subprocess.Popen[bytes]) -> None:
+        process.stop(proc.pid, self.grace_s, group=True, reap=proc.poll)
 
     # ---- from the run directory alone
 
@@ -285,29 +247,40 @@ class LocalBackend:
             return JobRecord(backend="local", job_id="", state="UNKNOWN", error="no job.json")
         same_host = record.extra.get("host") == socket.gethostname()
         launcher = record.extra.get("launcher_pid")
-        if record.state == "RUNNING" and same_host and launcher and not _alive(int(launcher)):
+        if (
+            record.state == "RUNNING"
+            and same_host
+            and launcher
+            and not process.pid_alive(int(launcher))
+        ):
             pgid = record.extra.get("pgid")
-            if not (pgid and _group_alive(int(pgid))):
+            if not (pgid and process.group_alive(int(pgid))):
                 record.state = "FAILED"
                 record.error = "the launcher process is gone (killed?) and left no result"
         return record
 
+    def wait(self, run_dir: Path, poll_s: float = 1.0) -> int:
+        """Follow a local job (the launcher may be another process) until it ends."""
+        while (state := self.status(run_dir).state) not in (*ENDED, "UNKNOWN"):
+            time.sleep(poll_s)
+        return 0 if state == "COMPLETED" else 1
+
     def cancel(self, run_dir: Path) -> None:
-        run_dir = Path(run_dir)
-        record = JobRecord.load(run_dir)
+        run = RunDir(run_dir)
+        record = JobRecord.load(run.path)
         if record is None or record.backend != "local":
-            raise RunError(f"no local job recorded in {run_dir}/job.json")
-        (run_dir / CANCEL_FILE).write_text(str(os.getpid()))
+            raise RunError(f"no local job recorded in {run.job_file}")
+        run.cancel_file.write_text(str(os.getpid()))
         pgid = record.extra.get("pgid")
-        if record.state == "RUNNING" and pgid and _group_alive(int(pgid)):
-            stop_group(int(pgid), self.grace_s)
+        if record.state == "RUNNING" and pgid and process.group_alive(int(pgid)):
+            process.stop(int(pgid), self.grace_s, group=True)
         launcher = record.extra.get("launcher_pid")
-        if not (launcher and _alive(int(launcher))):
+        if not (launcher and process.pid_alive(int(launcher))):
             record.state, record.error = "CANCELLED", "cancelled"
-            record.save(run_dir)
+            record.save(run.path)
 
     def logs(self, run_dir: Path, rank: int, follow: bool) -> Iterator[str]:
-        path = Path(run_dir) / "logs" / f"rank{rank}.log"
+        path = RunDir(run_dir).rank_log(rank)
         while not path.is_file():
             if not follow or self.status(run_dir).state not in ("RUNNING", "PENDING"):
                 return

@@ -2,9 +2,10 @@
 accelerate launch, the plan's launch argv) and watches it.
 
 submitit pickles a `NodeTask` and runs it in every task of the job (`srun`, one per node).
-The task fills the argv's per-node placeholders from the step's own environment
-(cluster/rank_env.py), runs the launcher as a subprocess with os.environ + plan.env, and
-turns its end into submitit's outcomes:
+The task carries the node command of the SLURM request (cluster/slurm.py: the plan's launch
+argv and plan.env), fills the argv's per-node placeholders from the step's own environment
+(cluster/rank_env.py), runs the launcher as a subprocess with os.environ + plan.env, and turns
+its end into submitit's outcomes:
 
 - the launcher exits 0: the task returns (the job completes);
 - the launcher fails: the task raises with the first error of the training log, naming the
@@ -26,14 +27,12 @@ Requeues are bounded by resources.max_requeues.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import types
 from collections.abc import Callable
@@ -44,11 +43,13 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 
 from cluster import rank_env
-from cluster.local import root_cause_signal
+from cluster.diagnose import Failure, error_summary, first_failure, read_end
+from launcher import process
+from launcher.rundir import RunDir
 
 SAVE_SIGNAL = "SIGUSR2"  # submitit's preemption/timeout signal (SUBMITIT_PREEMPT_SIGNAL)
-PREEMPTED_MARKER = "PREEMPTED"
 WAIT_FOR_KILL_S = 180  # after SIGTERM or a save, how long a task waits for the requeue/kill
+STOP_GRACE_S = 10.0  # SIGTERM to SIGKILL when the task stops what is left of its launcher
 
 Handler = Callable[[int, types.FrameType | None], Any] | int | None
 
@@ -61,65 +62,50 @@ def _ignore_save_signal() -> None:  # runs in the launcher's child before exec
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-_EXC_LINE = re.compile(
-    r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception|Interrupt)):\s*(.*)$"
-)
-_NOT_ROOT = ("ChildFailedError", "SignalException", "DistBackendError", "DistNetworkError")
-
-
-def error_summary(log_text: str) -> str:
-    """The first exception line of a training log that is not a launcher's echo of it."""
-    candidates = []
-    for line in log_text.splitlines():
-        line = re.sub(r"^\[(?:rank|default)\d+\]:\s*", "", line.strip())
-        match = _EXC_LINE.match(line)
-        if match and match.group(1) not in _NOT_ROOT:
-            candidates.append(line)
-    if candidates:
-        return candidates[0]
-    tail = [line for line in log_text.splitlines() if line.strip()]
-    return tail[-1].strip() if tail else "no error output"
-
-
-def failure_message(run_dir: Path, since: float, fallback_log: str = "") -> str | None:
-    """The first rank that failed (its logs/rank{N}.error, written by launcher/train.py), its
-    node (from its pre-flight line) and the root exception from its log; None if no rank
-    reported an error since `since`."""
-    failed = []
-    for path in (run_dir / "logs").glob("rank*.error"):
-        match = re.fullmatch(r"rank(\d+)\.error", path.name)
-        if match and path.stat().st_mtime >= since - 1:
-            failed.append((path.stat().st_mtime, int(match.group(1))))
-    if not failed:
+def failure_message(run: RunDir, failure: Failure, launcher_log: str) -> str | None:
+    """The first failing rank (cluster/diagnose.py), its node (from its pre-flight line) and
+    the root exception from its log; None when no rank is known to have failed."""
+    if failure.rank is None:
         return None
-    rank = min(failed)[1]
-    log_path = run_dir / "logs" / f"rank{rank}.log"
-    text = ""
-    if log_path.exists():
-        with log_path.open("rb") as f:
-            f.seek(max(0, log_path.stat().st_size - 256 * 1024))
-            text = f.read().decode("utf-8", "replace")
-    nodes = re.findall(rf"\(node (\S+), rank {rank}\)", text)
-    start = text.rfind(f"training failed on rank {rank}")
-    summary = error_summary(text[start:] if start >= 0 else text or fallback_log)
+    if failure.signal:
+        return (
+            f"training failed on node {_node()}: rank {failure.rank} was killed by {failure.signal}"
+        )
+    text = read_end(run.rank_log(failure.rank), 256 * 1024)
+    nodes = re.findall(rf"\(node (\S+), rank {failure.rank}\)", text)
+    start = text.rfind(f"training failed on rank {failure.rank}")
+    summary = error_summary(text[start:] if start >= 0 else text or launcher_log)
     where = f"on node {nodes[-1]} " if nodes else ""  # no pre-flight line: the summary says
-    return f"training failed {where}(rank {rank}): {summary}"
+    return f"training failed {where}(rank {failure.rank}): {summary}"
 
 
 class NodeTask(submitit.helpers.Checkpointable):
-    """The callable submitit runs in each task (one per node). Picklable; runtime state is not."""
+    """The callable submitit runs in each task (one per node). Picklable; runtime state is not.
 
-    def __init__(self, run_dir: str, *, max_requeues: int, save_timeout_s: float) -> None:
+    launch / env: the node command (placeholders unfilled) and plan.env, from the request."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        launch: list[str],
+        env: dict[str, str],
+        max_requeues: int,
+        save_timeout_s: float,
+    ) -> None:
         self.run_dir = str(run_dir)
+        self.launch = list(launch)
+        self.env = dict(env)
         self.max_requeues = max_requeues
         self.save_timeout_s = save_timeout_s
         self.requeues = 0
         self._reset_runtime()
 
     # --- pickling: only the persistent fields travel to the requeued job
+    _PERSISTENT = ("run_dir", "launch", "env", "max_requeues", "save_timeout_s", "requeues")
+
     def __getstate__(self) -> dict[str, Any]:
-        keep = ("run_dir", "max_requeues", "save_timeout_s", "requeues")
-        return {k: self.__dict__[k] for k in keep}
+        return {k: self.__dict__[k] for k in self._PERSISTENT}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -131,29 +117,30 @@ class NodeTask(submitit.helpers.Checkpointable):
         self._completed = False
         self._started = 0.0
 
+    @property
+    def _run(self) -> RunDir:
+        return RunDir(self.run_dir)
+
     # --- the task
     def __call__(self) -> dict[str, Any]:
-        run = Path(self.run_dir)
-        from launcher.rundir import RunDir
-
-        plan = RunDir(run).load_plan()
         values = rank_env.node_values()
         node_rank = int(values["node_rank"])
         task = int(os.environ.get("SLURM_PROCID", "0"))
-        argv = rank_env.fill(plan.launch, values)
+        argv = rank_env.fill(self.launch, values)
         env = {
             **os.environ,
-            **plan.env,
+            **self.env,
             "TUNE_LAUNCH_SAVE_SIGNAL": SAVE_SIGNAL,
             "TUNE_LAUNCH_NODE_NAME": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
         }
         env.pop("LOCAL_SIZE", None)  # DeepSpeed would leave shared-memory buffers behind
         if task == 0:
-            (run / PREEMPTED_MARKER).unlink(missing_ok=True)
+            self._run.preempted_marker.unlink(missing_ok=True)
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
         _say(
-            f"node_rank={node_rank} of {plan.nodes}, master {values['master_addr']}:"
-            f"{values['master_port']}, restart {restart}, requeues so far {self.requeues}"
+            f"node_rank={node_rank} of {os.environ.get('SLURM_JOB_NUM_NODES', '?')}, master "
+            f"{values['master_addr']}:{values['master_port']}, restart {restart}, "
+            f"requeues so far {self.requeues}"
         )
         _say("launch: " + " ".join(argv))
         self._record_signals()
@@ -178,7 +165,7 @@ class NodeTask(submitit.helpers.Checkpointable):
     def _after_exit(
         self, code: int, node_rank: int, task: int, stderr_path: Path | None, offset: int
     ) -> dict[str, Any]:
-        saved = (Path(self.run_dir) / PREEMPTED_MARKER).exists()
+        saved = self._run.preempted_marker.exists()
         if code == 0 and not saved:  # the training finished
             signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # a late USR2 must not requeue now
             _say("launcher exited 0")
@@ -204,21 +191,11 @@ class NodeTask(submitit.helpers.Checkpointable):
             with stderr_path.open("rb") as f:
                 f.seek(offset)
                 log = f.read().decode("utf-8", "replace")
-        killed = root_cause_signal(log)
-        root = log[log.rfind("Root Cause") :] if killed else ""
-        dead_rank = re.search(r"rank\s*:\s*(\d+)", root)
-        message = (
-            (
-                f"training failed on node {_node()} (node_rank {node_rank}): rank "
-                f"{dead_rank[1] if dead_rank else '?'} was killed by {killed}"
-                if killed
-                else None
-            )
-            or failure_message(Path(self.run_dir), self._started, log)
-            or (
-                f"training failed on node {_node()} (node_rank {node_rank}, launcher exit code "
-                f"{code}): {error_summary(log)}"
-            )
+        # the run directory is shared by the nodes: allow for their clocks' difference
+        failure = first_failure(self._run, log, since=self._started - 1)
+        message = failure_message(self._run, failure, log) or (
+            f"training failed on node {_node()} (node_rank {node_rank}, launcher exit code "
+            f"{code}): {error_summary(log)}"
         )
         self._write_error(node_rank, code, message, log)
         raise RuntimeError(message)
@@ -236,7 +213,7 @@ class NodeTask(submitit.helpers.Checkpointable):
                 time.sleep(0.5)
             if _exit_code(proc) is None:
                 _say("the ranks did not finish saving in time: resuming from the last checkpoint")
-        marker = Path(self.run_dir) / PREEMPTED_MARKER
+        marker = self._run.preempted_marker
         if proc is not None and _exit_code(proc) == 0 and not marker.exists():
             self._completed = True  # the training had finished: nothing to requeue
             return None
@@ -277,8 +254,7 @@ class NodeTask(submitit.helpers.Checkpointable):
             return None
 
     def _write_error(self, node_rank: int, code: int, message: str, log: str) -> None:
-        job = os.environ.get("SLURM_JOB_ID", "0")
-        path = Path(self.run_dir) / "slurm" / f"{job}_{node_rank}_error.json"
+        path = self._run.node_error(os.environ.get("SLURM_JOB_ID", "0"), node_rank)
         record = {
             "node": _node(),
             "node_rank": node_rank,
@@ -290,30 +266,13 @@ class NodeTask(submitit.helpers.Checkpointable):
         path.write_text(json.dumps(record, indent=2))
 
     def _stop_launcher(self) -> None:
-        """Terminate what is left of the launcher's process tree (never other processes)."""
+        """Stop what is left of the launcher's process tree (never other processes). The
+        launcher shares this task's process group, so its tree is signalled, not the group;
+        it is reaped by _exit_code only (safe inside the save signal's handler)."""
         proc = self._proc
         if proc is None or _exit_code(proc) is not None:
             return
-        import psutil
-
-        try:
-            children = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            children = []
-        proc.terminate()
-        for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.terminate()
-        deadline = time.monotonic() + 10
-        while _exit_code(proc) is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        # the launcher is reaped by _exit_code only (psutil's wait would reap it without a code)
-        _, alive = psutil.wait_procs(children, timeout=max(0.1, deadline - time.monotonic()))
-        if _exit_code(proc) is None:
-            alive.append(psutil.Process(proc.pid))
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
+        process.stop(proc.pid, STOP_GRACE_S, group=False, reap=lambda: _exit_code(proc))
         while _exit_code(proc) is None:
             time.sleep(0.1)
 
@@ -335,7 +294,3 @@ def _exit_code(proc: subprocess.Popen[bytes]) -> int | None:
 
 def _node() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-
-
-if __name__ == "__main__":  # pragma: no cover - for debugging a node by hand inside `srun`
-    sys.exit(0 if NodeTask(sys.argv[1], max_requeues=0, save_timeout_s=60)() else 1)

@@ -4,7 +4,7 @@ Two uses:
 - `ranks()`: who am I (node rank, local/global rank, world, master address/port), read from
   torchrun's variables when a launcher started us, else from SLURM's (one task per process).
 - `node_values()`: the values of the per-node placeholders of a plan's launch argv
-  (`{node_rank}`, `{master_addr}`, `{master_port}`, `{rdzv_id}`, see launcher/render.py),
+  (`{node_rank}`, `{master_addr}`, `{master_port}`, `{rdzv_id}`, see launcher/config/render.py),
   computed INSIDE a SLURM step on the node that runs the launcher: SLURM_NODEID only has the
   node's own value there, never on the batch host.
 

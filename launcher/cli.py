@@ -153,29 +153,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backend_dryrun(plan: Any) -> dict[str, str] | None:
-    """The SLURM backend's dry run (sbatch script, per-node command) when the run goes there."""
-    backend = plan.recipe.resources.backend
-    if backend == "slurm" or (backend == "auto" and plan.nodes > 1):
-        from cluster.slurm import SlurmBackend
-
-        return SlurmBackend().dryrun(plan)
-    return None
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     plan = _resolve(args)
     if args.dry_run:
-        from launcher.config.plan_view import dry_run_text
-        from launcher.rundir import write_plan
-
-        written = write_plan(plan)
-        print(dry_run_text(plan, written, extra=_backend_dryrun(plan)))
-        return 0
+        return _dry_run(plan)
     from launcher.pipeline import run_pipeline
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     return run_pipeline(plan, stages=stages, wait=args.wait)
+
+
+def _dry_run(plan: Any) -> int:
+    """Write the run directory and print the request the run would submit (the backend
+    chosen as the run chooses it), then the plan and its files."""
+    from cluster.base import choose_backend
+    from launcher.config.plan_view import dry_run_text
+    from launcher.rundir import write_plan
+
+    request = choose_backend(plan).prepare(plan)
+    written = write_plan(plan)
+    print(dry_run_text(plan, written, request.render()))
+    return 0
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cluster.base import Backend, JobRecord, backend_named, choose_backend
 from launcher.config.plan import Plan
 from launcher.errors import Problem, RecipeError, RunError
 from launcher.rundir import RunDir, write_plan
@@ -21,32 +22,6 @@ from launcher.tiny import build_base
 
 log = logging.getLogger("tune_launch")
 STAGES = ("train", "merge", "serve", "eval")
-
-
-def select_backend(plan: Plan) -> Any:
-    """The recipe's backend; auto = slurm when sbatch exists and more than one node is asked."""
-    choice = plan.recipe.resources.backend
-    if choice == "auto":
-        choice = "slurm" if plan.nodes > 1 and shutil.which("sbatch") else "local"
-    if choice == "local" and plan.nodes > 1:
-        raise RecipeError(
-            [
-                Problem(
-                    "resources.nodes",
-                    "the local backend runs on one node",
-                    "use --backend slurm (or --nodes 1)",
-                    plan.nodes,
-                )
-            ],
-            "usage",
-        )
-    if choice == "slurm":
-        from cluster.slurm import SlurmBackend
-
-        return SlurmBackend()
-    from cluster.local import LocalBackend
-
-    return LocalBackend()
 
 
 def check_disk(plan: Plan) -> None:
@@ -106,29 +81,49 @@ def run_pipeline(plan: Plan, *, stages: list[str], wait: bool) -> int:
         raise RecipeError(
             [Problem("--stages", f"unknown stage(s) {unknown}", f"use {','.join(STAGES)}")], "usage"
         )
+    backend = choose_backend(plan) if "train" in stages else None
     _setup_logging()
-    backend = select_backend(plan) if "train" in stages else None
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
-    if backend is None:
-        return _stages(plan, backend, stages, wait)
-    with RunDir(plan.run_dir).lock(
-        "tune-launch run"
-    ):  # a second run in this directory refuses here
-        if backend.name == "slurm":
-            _refuse_live_slurm_job(plan, backend)
-        return _stages(plan, backend, stages, wait)
+    with RunDir(plan.run_dir).lock("tune-launch run"):  # a second run here refuses
+        if backend is not None:
+            code = _train(plan, backend, wait)
+            if code != 0:
+                return code
+            if backend.status(Path(plan.run_dir)).state != "COMPLETED":
+                return 0  # queued: the later stages run with `tune-launch merge|eval RUN_DIR`
+        return _after_training(plan, stages)
 
 
-def _refuse_live_slurm_job(plan: Plan, backend: Any) -> None:
+def _train(plan: Plan, backend: Backend[Any], wait: bool) -> int:
+    """Check what can be checked before any process starts, write the run directory, then
+    submit the request the dry run prints (and follow it with `wait`)."""
+    from launcher.data.rows import validate_data
+
+    _refuse_live_job(plan)
+    validate_data(plan.recipe)  # bad rows / missing files: exit 2 before any process starts
+    check_disk(plan)
+    _write_run_dir(plan)
+    log.info(
+        "training %s (%s, %d process(es)) in %s",
+        plan.name,
+        backend.name,
+        plan.world_size,
+        plan.run_dir,
+    )
+    code = backend.submit(backend.prepare(plan))
+    if code == 0 and wait:
+        code = backend.wait(Path(plan.run_dir))
+    return code
+
+
+def _refuse_live_job(plan: Plan) -> None:
     """A SLURM job outlives the command that submitted it: a second submission into its
     run directory would overwrite its plan and job.json while it trains there."""
-    from cluster.base import JobRecord
-
     run_dir = Path(plan.run_dir)
     record = JobRecord.load(run_dir)
     if record is None or record.backend != "slurm":
         return
-    state = backend.status(run_dir).state
+    state = backend_named(record.backend).status(run_dir).state
     if state in ("PENDING", "RUNNING"):
         raise RunError(
             f"{run_dir} is in use by SLURM job {record.job_id} ({state}): wait for it, stop it "
@@ -136,41 +131,25 @@ def _refuse_live_slurm_job(plan: Plan, backend: Any) -> None:
         )
 
 
-def _stages(plan: Plan, backend: Any, stages: list[str], wait: bool) -> int:
+def _after_training(plan: Plan, stages: list[str]) -> int:
+    """merge, then eval (which serves the model itself), as the recipe and --stages ask."""
     recipe = plan.recipe
-    if backend is not None:
-        from launcher.data.rows import validate_data
-
-        validate_data(recipe)  # bad rows / missing files: exit 2 before any process starts
-        check_disk(plan)
-        _write_run_dir(plan)
-        log.info(
-            "training %s (%s, %d process(es)) in %s",
-            plan.name,
-            backend.name,
-            plan.world_size,
-            plan.run_dir,
-        )
-        code = backend.submit(plan, wait=wait)
-        if code != 0:
-            return code
-        if backend.name == "slurm" and not wait:
-            return 0  # queued; later stages run with `tune-launch merge/eval RUN_DIR`
-    run_dir = Path(plan.run_dir)
+    run = RunDir(plan.run_dir)
     wants_merge = recipe.method.kind != "full" and (recipe.merge.enabled or recipe.serve.enabled)
     if "merge" in stages and wants_merge and recipe.model.task == "causal_lm":
         from launcher.merge.run import merge_run
 
-        merged = merge_run(run_dir)
+        merged = merge_run(run.path)
         log.info("merged model: %s", merged)
     if "eval" in stages and recipe.eval.enabled:
         from serve.eval import eval_run
 
-        results = eval_run(run_dir)
-        log.info("evaluation report: %s", run_dir / "eval" / "report.md")
+        results = eval_run(run.path)
+        log.info("evaluation report: %s", run.eval_report)
         _print_headline(results)
     elif "serve" in stages and recipe.serve.enabled:
-        log.info("serve it with: tune-launch serve %s", run_dir)
+        # serve.enabled without eval starts no server here: it says how to start one
+        log.info("serve it with: tune-launch serve %s", run.path)
     return 0
 
 

@@ -9,16 +9,23 @@ Layout (everything a later stage needs is read back from here):
     RUN_DIR/launch.sh          the per-node launch command, as a script
     RUN_DIR/versions.json      package versions and the git SHA
     RUN_DIR/job.json           backend, job id / pids (cluster/base.py JobRecord)
+    RUN_DIR/request.txt        the launch request the backend submitted (what --dry-run prints)
     RUN_DIR/metrics.jsonl      rank 0: one JSON object per log event
+    RUN_DIR/data_report.json   rank 0: what data validation found in each source
+    RUN_DIR/eval_classification.json  rank 0: validation accuracy and F1 (classification)
+    RUN_DIR/tb/                TensorBoard event files
     RUN_DIR/PREEMPTED          {"step": N}: the job saved on its signal and should be requeued
-    RUN_DIR/.lock              held by whoever works in the directory (pipeline, merge, node 0)
+    RUN_DIR/.lock              held by whoever works in the directory (pipeline, merge, eval)
+    RUN_DIR/slurm/             submitit's folder: sbatch script, pickles, per-task logs, errors
     RUN_DIR/base/              a tiny base model, when model.name_or_path is tiny:<arch>
     RUN_DIR/checkpoints/       checkpoint-<step>/ (COMPLETE when whole), .staging/
     RUN_DIR/final/             the trained adapter or full model (COMPLETE), staged in .final.tmp
     RUN_DIR/merged/            the merged model (COMPLETE), staged in merged.tmp
     RUN_DIR/data_cache/        the splits as Arrow files while training
-    RUN_DIR/logs/              rank{N}.log, rank{N}.error, launcher.log, merge.log, server*.log
-    RUN_DIR/eval/              report.md, results.json, plots
+    RUN_DIR/logs/              rank{N}.log, rank{N}.error, launcher.log, merge.log, server*.log,
+                               fault-*.fired (tests: launcher/train/faults.py)
+    RUN_DIR/eval/              report.md, results.json, plots (NAME.png), lm_eval/
+    RUN_DIR/.cache/            caches of the vLLM servers started for the run
 
 A directory is complete when it carries the COMPLETE marker, written last (after an fsync of
 its contents) and published by one rename: a crash leaves the previous one intact.
@@ -45,6 +52,7 @@ if TYPE_CHECKING:
     from launcher.config.plan import Plan
 
 COMPLETE = "COMPLETE"
+TRAIN_CONTRACT = "train_contract.json"  # in final/ and every checkpoint: what serving reproduces
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -98,8 +106,25 @@ class RunDir:
         return self.path / "job.json"
 
     @property
+    def request_file(self) -> Path:
+        """The launch request as submitted, printed as `--dry-run` prints it (cluster/)."""
+        return self.path / "request.txt"
+
+    @property
     def metrics_file(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def data_report_file(self) -> Path:
+        return self.path / "data_report.json"
+
+    @property
+    def classification_eval_file(self) -> Path:
+        return self.path / "eval_classification.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tb"
 
     @property
     def preempted_marker(self) -> Path:
@@ -180,8 +205,30 @@ class RunDir:
         """Written by a rank that fails: its traceback (launcher/train/entry.py)."""
         return self.logs / f"rank{rank}.error"
 
-    def rank_errors(self) -> list[Path]:
-        return sorted(self.logs.glob("rank*.error"))
+    def rank_errors(self) -> dict[int, Path]:
+        """The error files the ranks left, by rank."""
+        found = {}
+        for path in self.logs.glob("rank*.error"):
+            match = re.fullmatch(r"rank(\d+)\.error", path.name)
+            if match:
+                found[int(match[1])] = path
+        return dict(sorted(found.items()))
+
+    @property
+    def slurm(self) -> Path:
+        """submitit's folder: the sbatch script, the task's pickles, per-task stdout/stderr."""
+        return self.path / "slurm"
+
+    def node_error(self, job_id: str, node_rank: int) -> Path:
+        """Written by a SLURM node task whose launcher failed (cluster/node_entry.py)."""
+        return self.slurm / f"{job_id}_{node_rank}_error.json"
+
+    def node_errors(self, job_id: str) -> list[Path]:
+        return sorted(self.slurm.glob(f"{job_id}_*_error.json"))
+
+    def fault_flag(self, kind: str, step: int, rank: int) -> Path:
+        """Tests only: the injected fault `kind` at `step` has fired on `rank`."""
+        return self.logs / f"fault-{kind}-{step}-rank{rank}.fired"
 
     @property
     def launcher_log(self) -> Path:
@@ -195,7 +242,37 @@ class RunDir:
     def server_log(self) -> Path:
         return self.logs / "server.log"
 
+    def named_server_log(self, name: str) -> Path:
+        """The log of one of several servers (eval starts one per model it serves)."""
+        return self.logs / f"server-{name}.log"
+
+    @property
+    def cache(self) -> Path:
+        """Caches of the servers started for this run (vLLM, torch inductor, temp files)."""
+        return self.path / ".cache"
+
+    @property
+    def eval_results(self) -> Path:
+        return self.eval / "results.json"
+
+    @property
+    def eval_report(self) -> Path:
+        return self.eval / "report.md"
+
+    def eval_plot(self, name: str) -> Path:
+        return self.eval / f"{name}.png"
+
+    @property
+    def lm_eval(self) -> Path:
+        """lm-evaluation-harness's output and log."""
+        return self.eval / "lm_eval"
+
     # ---------------------------------------------------------------------------- markers
+    @staticmethod
+    def contract_file(directory: Path) -> Path:
+        """train_contract.json in a checkpoint, final/ or merged/."""
+        return directory / TRAIN_CONTRACT
+
     @staticmethod
     def is_complete(directory: Path) -> bool:
         return (directory / COMPLETE).is_file()
@@ -228,12 +305,18 @@ class RunDir:
         """Mark `staged` complete, then rename it into place; a stale `final` goes after."""
         cls.mark_complete(staged, info)
         if final.exists():
-            stale = final.with_name(f".deleting-{final.name}")
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            shutil.rmtree(stale, ignore_errors=True)
+            cls.remove(final)
         os.replace(staged, final)
         _fsync_dir(final.parent)
+
+    @staticmethod
+    def remove(directory: Path) -> None:
+        """Delete a directory, renamed first: a crash mid-delete never leaves a half-deleted
+        directory under its name (one that may carry COMPLETE)."""
+        doomed = directory.with_name(f".deleting-{directory.name}")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(directory, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     @staticmethod
     def write_atomic(path: Path, text: str) -> None:
@@ -247,8 +330,9 @@ class RunDir:
     def lock(self, holder: str) -> Iterator[None]:
         """Hold RUN_DIR/.lock (fcntl, released with its holder, even on SIGKILL) while
         working in the directory; RunError naming the holder if another process has it.
-        Taken once, by the outermost caller: the pipeline, `tune-launch merge`, or node 0 of
-        a SLURM job."""
+        Taken once, by the outermost caller: the pipeline, `tune-launch merge` or
+        `tune-launch eval`. (A SLURM job outlives it: the pipeline also refuses a run
+        directory whose job.json names a live job.)"""
         if not self.path.is_dir():
             raise RunError(f"{self.path} does not exist: is it a run directory?")
         handle = _acquire(self.lock_file, self.path)

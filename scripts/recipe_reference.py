@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -16,6 +17,13 @@ BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
 
 
 def _type(annotation: Any) -> str:
+    """The annotation as a reader writes it, without Annotated's constraints (pydantic's
+    FieldInfo); a field's description states the limits a user must know."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type(args[0])
+    if origin in (dict, list):
+        return f"{origin.__name__}[{', '.join(_type(arg) for arg in args)}]"
     text = str(annotation).replace("typing.", "").replace("Literal", "").replace("NoneType", "null")
     return text.replace("<class '", "").replace("'>", "")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import RunError
+from launcher.rundir import RunDir
 
 DEFAULT_MESSAGES: list[dict[str, str]] = [
     {"role": "user", "content": "Is this review positive or negative?\n\nthe food was great."}
@@ -25,7 +26,7 @@ DEFAULT_MESSAGES: list[dict[str, str]] = [
 
 def load_contract(model_dir: str | Path) -> dict[str, Any]:
     """train_contract.json of a served directory ({} when training did not write one)."""
-    path = Path(model_dir) / "train_contract.json"
+    path = RunDir.contract_file(Path(model_dir))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

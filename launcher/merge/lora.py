@@ -7,12 +7,13 @@ the trained ones. For QLoRA the weights bitsandbytes quantizes at load can first
 quantize_4bit/dequantize_4bit (`nf4_roundtrip_fn`, `quantized_weights`).
 
 Memory: the adapter is loaded whole (it is small). The base is read one tensor at a time
-(launcher.safetensors_stream) and the output shards are planned from the base's headers before
-any data is read, so each tensor is written as soon as it is merged: peak RSS is about the
+(safetensors_stream.py) and the output shards are planned from the base's headers before any
+data is read, so each tensor is written as soon as it is merged: peak RSS is about the
 adapter plus a few copies of the largest adapted tensor. Tensors the merge leaves as they are
 are copied file to file without passing through a torch tensor.
 
-Run orchestration (fingerprint, verification, publishing RUN_DIR/merged) is launcher/merge.py.
+Run orchestration (fingerprint, verification, publishing RUN_DIR/merged) is run.py, beside
+this file.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """What the run adds to the transformers / TRL trainers: metrics, the non-finite-loss policy,
-atomic checkpoints. The training loop itself stays theirs.
+atomic checkpoints, the token count. The training loop itself stays theirs.
 
 - MetricsCallback: rank 0 appends one JSON line per log event to RUN_DIR/metrics.jsonl
   (loss, learning_rate, grad_norm, tokens_per_s, eval_loss, epoch, time, on a GPU
   peak_memory_gib, and any other metric the trainer logs) and writes a readable line to its log.
-- trainer_class(base, ...): a subclass of the given trainer class whose `_save_checkpoint`
-  is atomic (launcher/checkpoint.py) and whose `compute_loss` applies train.nan_policy.
+- trainer_class(base, hooks): a subclass of the given trainer class whose `_save_checkpoint`
+  is atomic (launcher/train/checkpoint.py) and whose `compute_loss` applies train.nan_policy
+  (RunHooks.finite_loss).
 
 Nothing here adds a collective to a micro-batch: the non-finite check is local to the rank
 (a rank that stops is a failed rank, and the launcher stops the others), and the token count
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from launcher.train import checkpoint
+from launcher.rundir import RunDir
+from launcher.train import checkpoint, faults
 
 log = logging.getLogger(__name__)
 metrics_log = logging.getLogger("metrics")  # the log file only: the progress bar shows them
@@ -50,8 +51,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 class MetricsCallback(TrainerCallback):
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
         self._last: tuple[float, int] | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -63,24 +64,18 @@ class MetricsCallback(TrainerCallback):
         """Drop the records after `step` (the step this run starts from: 0, or the resumed
         checkpoint's), and a torn last line: the steps an interrupted run logged after its
         last complete checkpoint are trained again, and must appear once."""
-        if not self.path.is_file():
+        path = self.run.metrics_file
+        if not path.is_file():
             return
-        kept, dropped = [], 0
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-                keep = isinstance(record, dict) and int(record.get("step") or 0) <= step
-            except ValueError:
-                keep = False
-            if keep:
-                kept.append(line + "\n")
-            elif line.strip():
-                dropped += 1
-        if dropped:
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            tmp.replace(self.path)
-            log.info("metrics.jsonl: dropped %d record(s) logged after step %d", dropped, step)
+        lines = [x for x in path.read_text(encoding="utf-8", errors="replace").splitlines() if x]
+        kept = [r for r in self.run.metrics() if _logged_by(r, step)]
+        if len(kept) < len(lines):
+            RunDir.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+            log.info(
+                "metrics.jsonl: dropped %d record(s) logged after step %d",
+                len(lines) - len(kept),
+                step,
+            )
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
@@ -92,7 +87,7 @@ class MetricsCallback(TrainerCallback):
         record["step"] = state.global_step
         record["time"] = time.time()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            # rank 0's device; what launcher/memory.py's per-GPU estimate is compared with
+            # rank 0's device; what launcher/config/memory.py's per-GPU estimate is compared with
             record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         if "loss" in logs and self._last is not None:
             now, tokens = time.monotonic(), state.num_input_tokens_seen or 0
@@ -100,7 +95,7 @@ class MetricsCallback(TrainerCallback):
             if elapsed > 0 and tokens:
                 record["tokens_per_s"] = round((tokens - self._last[1]) / elapsed, 1)
             self._last = (now, tokens)
-        with self.path.open("a", encoding="utf-8") as fh:
+        with self.run.metrics_file.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
         shown = {
             k: (f"{v:.4g}" if isinstance(v, float) else v)
@@ -110,16 +105,22 @@ class MetricsCallback(TrainerCallback):
         metrics_log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
 
 
+def _logged_by(record: dict[str, Any], step: int) -> bool:
+    try:
+        return int(record.get("step") or 0) <= step
+    except (TypeError, ValueError):
+        return False
+
+
 @dataclass
 class RunHooks:
-    """What the trainer subclass needs from the run."""
+    """What the trainer subclass needs from the run, and the NaN policy's state."""
 
-    run_dir: Path
+    run: RunDir
     nan_policy: str  # stop | skip
     keep_last: int
     rank: int
     resumed_from: Path | None = None
-    write_extras: Any = None  # Callable[[Path], None]: tokenizer, generation config, contract
     # SFT: the loss is transformers' Trainer.compute_loss (the model's own cross-entropy on the
     # labels TRL's collator built), not TRL's fused LM head (see trainer_class)
     model_loss: bool = False
@@ -128,6 +129,46 @@ class RunHooks:
     zeroing: bool = False  # the current micro-batch's gradients are being replaced by zeros
     hooked: bool = False
     _consecutive: int = field(default=0, repr=False)
+
+    def finite_loss(self, model: Any, loss: torch.Tensor, step: int) -> torch.Tensor:
+        """The micro-batch's loss under train.nan_policy: itself when finite; else
+        NonFiniteLoss (stop), or a zero loss whose gradients the zeroing hooks replace by
+        zeros (skip). This rank's decision: a rank that stops fails, and the launcher stops
+        the others (launcher/train/entry.py's rank{N}.error, cluster/); a skipped micro-batch
+        zeroes only this rank's gradients."""
+        self.zeroing = False  # the previous micro-batch's backward is done
+        if self.nan_policy == "skip" and not self.hooked:
+            _install_zeroing_hooks(model, self)
+        loss = faults.point("loss", step, self.run, self.rank, loss)
+        if bool(torch.isfinite(loss.detach()).all()):
+            self._consecutive = 0
+            return loss
+        last = self.run.last_complete_checkpoint()
+        where = (
+            f"the last good checkpoint is {last.path}" if last else "no checkpoint was written yet"
+        )
+        if self.nan_policy == "stop":
+            raise NonFiniteLoss(
+                f"non-finite loss ({loss.detach().float().item()}) at step {step}; {where} "
+                "(kept, not overwritten). Hint: lower train.learning_rate, check the data for "
+                "broken rows, use train.precision=bf16 instead of fp16, or set "
+                "train.nan_policy=skip to skip such steps; rerun in the same run directory to "
+                "resume."
+            )
+        self.skipped += 1
+        self._consecutive += 1
+        if self._consecutive > self.max_consecutive_skips:
+            raise NonFiniteLoss(
+                f"non-finite loss for {self._consecutive} micro-batches in a row at step "
+                f"{step}; {where}. Hint: lower train.learning_rate or check the data."
+            )
+        log.warning(
+            "non-finite loss at step %d: micro-batch skipped (zero gradients), %d so far",
+            step,
+            self.skipped,
+        )
+        self.zeroing = True
+        return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def tokens_in(inputs: Any) -> torch.Tensor | None:
@@ -138,17 +179,6 @@ def tokens_in(inputs: Any) -> torch.Tensor | None:
         return mask.sum()
     ids = inputs.get("input_ids")
     return torch.tensor(ids.numel(), device=ids.device) if isinstance(ids, torch.Tensor) else None
-
-
-def any_rank(flag: bool, device: torch.device | str) -> bool:
-    """True if flag is true on any rank (every rank must make the same decision)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
 
 
 def _install_zeroing_hooks(model: Any, hooks: RunHooks) -> None:
@@ -166,9 +196,15 @@ def _install_zeroing_hooks(model: Any, hooks: RunHooks) -> None:
 
 
 def trainer_class(base: type, hooks: RunHooks) -> type:
-    """base (Trainer, SFTTrainer, DPOTrainer) with atomic checkpoints and the NaN policy."""
-
+    """base (Trainer, SFTTrainer, DPOTrainer) with atomic checkpoints, the NaN policy and a
+    token count that costs one all-reduce per log."""
     from transformers import Trainer
+
+    # SFT: the model's own loss, through transformers' Trainer (what a plain Trainer script
+    # computes and what launcher/config/memory.py models). TRL's fused LM head saves the
+    # logits' memory but its tiled kernel and four metric gathers per micro-batch cost ~30% of
+    # a quickstart step; the loss is the same (tests/train/test_sft_loss.py).
+    loss_of: Any = Trainer if hooks.model_loss else base
 
     class Tuned(base):
         _staging: str | None = None
@@ -188,8 +224,8 @@ def trainer_class(base: type, hooks: RunHooks) -> type:
             return self._staging or super()._get_output_dir(trial)
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            def write() -> None:
-                self._staging = str(Path(self.args.output_dir) / checkpoint.STAGING)
+            def write() -> None:  # the Trainer's own save, into RUN_DIR/checkpoints/.staging
+                self._staging = str(hooks.run.staging)
                 try:
                     super(Tuned, self)._save_checkpoint(model, trial)
                 finally:
@@ -197,20 +233,11 @@ def trainer_class(base: type, hooks: RunHooks) -> type:
 
             protect = {hooks.resumed_from} if hooks.resumed_from else set()
             checkpoint.save_atomically(
-                self,
-                write,
-                run_dir=hooks.run_dir,
-                extras=hooks.write_extras or (lambda path: None),
-                keep_last=hooks.keep_last,
-                protect=protect,
+                self, write, run=hooks.run, keep_last=hooks.keep_last, protect=protect
             )
 
         def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-            step = self.state.global_step
-            if self.args.should_save and checkpoint.fault("crash_in_save", step, hooks.run_dir):
-                log.error("fault injection: crash while saving the checkpoint of step %d", step)
-                logging.shutdown()
-                os._exit(1)
+            faults.point("saving", self.state.global_step, hooks.run, hooks.rank)
             super()._save_optimizer_and_scheduler(output_dir)
 
         def compute_loss(
@@ -220,13 +247,7 @@ def trainer_class(base: type, hooks: RunHooks) -> type:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            # SFT: the model's own loss, through transformers' Trainer (what a plain Trainer
-            # script computes and what launcher/memory.py models). TRL's fused LM head saves
-            # the logits' memory but its tiled kernel and four metric gathers per micro-batch
-            # cost ~30% of a quickstart step; the loss is the same (tests/train).
-            parent: Any = Trainer if hooks.model_loss else base
-            compute = parent.compute_loss
-            result: Any = compute(
+            result: Any = loss_of.compute_loss(
                 self,
                 model,
                 inputs,
@@ -238,47 +259,9 @@ def trainer_class(base: type, hooks: RunHooks) -> type:
             tokens = tokens_in(inputs)
             if tokens is not None:
                 self._tokens = tokens if self._tokens is None else self._tokens + tokens
-            hooks.zeroing = False  # the previous micro-batch's backward is done
-            if hooks.nan_policy == "skip" and not hooks.hooked:
-                _install_zeroing_hooks(model, hooks)
             loss = result[0] if return_outputs else result
-            step = self.state.global_step + 1
-            if checkpoint.fault("nan_loss", step, hooks.run_dir, hooks.rank):
-                loss = loss * float("nan")
-            # this rank's decision: a rank that stops fails, and the launcher stops the others
-            # (cluster/local.py, srun); a skipped micro-batch zeroes only this rank's gradients
-            if bool(torch.isfinite(loss.detach()).all()):
-                hooks._consecutive = 0
-                return (loss, *result[1:]) if return_outputs else loss
-            last = checkpoint.last_complete(checkpoint.checkpoints_dir(hooks.run_dir))
-            where = (
-                f"the last good checkpoint is {last.path}"
-                if last
-                else "no checkpoint was written yet"
-            )
-            if hooks.nan_policy == "stop":
-                raise NonFiniteLoss(
-                    f"non-finite loss ({loss.detach().float().item()}) at step {step}; {where} "
-                    "(kept, not overwritten). Hint: lower train.learning_rate, check the data for "
-                    "broken rows, use train.precision=bf16 instead of fp16, or set "
-                    "train.nan_policy=skip to skip such steps; rerun in the same run directory to "
-                    "resume."
-                )
-            hooks.skipped += 1
-            hooks._consecutive += 1
-            if hooks._consecutive > hooks.max_consecutive_skips:
-                raise NonFiniteLoss(
-                    f"non-finite loss for {hooks._consecutive} micro-batches in a row at step "
-                    f"{step}; {where}. Hint: lower train.learning_rate or check the data."
-                )
-            log.warning(
-                "non-finite loss at step %d: micro-batch skipped (zero gradients), %d so far",
-                step,
-                hooks.skipped,
-            )
-            hooks.zeroing = True
-            zero = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
-            return (zero, *result[1:]) if return_outputs else zero
+            loss = hooks.finite_loss(model, loss, self.state.global_step + 1)
+            return (loss, *result[1:]) if return_outputs else loss
 
     Tuned.__name__ = Tuned.__qualname__ = f"TuneLaunch{base.__name__}"
     return Tuned

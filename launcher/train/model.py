@@ -1,9 +1,10 @@
 """Build the model a rank trains: dtype, 4-bit quantization (QLoRA), the PEFT config.
 
 The TRL trainers apply `peft_config` themselves, right after `set_seed(args.seed)`, so every
-rank starts from the same adapter; the classification path (plain Trainer) calls
-`wrap_peft`, which does the same. Call `load_model` after the TrainingArguments exist: under
-ZeRO-3 they tell `from_pretrained` to partition the weights while loading.
+rank starts from the same adapter; the classification path (plain Trainer,
+launcher/train/trainers.py) calls `wrap_peft`, which does the same. Call `build_model` after
+the TrainingArguments exist: under ZeRO-3 they tell `from_pretrained` to partition the
+weights while loading.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from launcher.config.plan import Plan
+from launcher.train.data import RankData
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +28,20 @@ TORCH_DTYPES = {
 
 
 def quantization_config(plan: Plan) -> Any:
-    """BitsAndBytesConfig for method.kind=qlora, else None."""
-    method, model = plan.recipe.method, plan.recipe.model
-    if method.kind != "qlora":
+    """BitsAndBytesConfig for method.kind=qlora (the only method the plan gives 4-bit dtypes),
+    else None."""
+    compute, storage = plan.quant_compute_dtype, plan.quant_storage
+    if compute is None or storage is None:
         return None
     from transformers import BitsAndBytesConfig
 
-    quant = method.quant
-    compute = TORCH_DTYPES[quant.compute_dtype or model.dtype]
+    quant = plan.recipe.method.quant
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=TORCH_DTYPES[plan.quant_storage or "uint8"],
+        bnb_4bit_compute_dtype=TORCH_DTYPES[compute],
+        bnb_4bit_quant_storage=TORCH_DTYPES[storage],
     )
 
 
@@ -53,17 +55,30 @@ def head_modules(model: Any) -> list[str]:
     ]
 
 
-def load_model(
-    plan: Plan,
-    base_path: str,
-    *,
-    num_labels: int | None = None,
-    labels: dict[str, int] | None = None,
-) -> Any:
-    """The base model in the recipe's dtype, 4-bit for QLoRA (prepared for k-bit training)."""
+def build_model(plan: Plan, tokenizer: Any, added_tokens: bool, data: RankData) -> tuple[Any, Any]:
+    """The base model ready for the trainer, and its PEFT config (None for full fine-tuning):
+    embeddings resized when the tokenizer gained a pad token, the pad id set. Seeded first,
+    so that a classifier head starts the same on every rank."""
     import transformers
 
-    recipe = plan.recipe
+    transformers.set_seed(plan.recipe.train.seed)
+    net = load_model(plan, num_labels=data.num_labels, labels=data.labels)
+    if added_tokens:
+        net.resize_token_embeddings(len(tokenizer))
+    net.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(net, "generation_config", None) is not None:
+        net.generation_config.pad_token_id = tokenizer.pad_token_id
+    return net, peft_config(plan, net)
+
+
+def load_model(
+    plan: Plan, *, num_labels: int | None = None, labels: dict[str, int] | None = None
+) -> Any:
+    """The plan's base model in the recipe's dtype, 4-bit for QLoRA (prepared for k-bit
+    training); a classifier with the data's num_labels and string labels."""
+    import transformers
+
+    recipe, base_path = plan.recipe, plan.base_model
     kwargs: dict[str, Any] = {
         "dtype": TORCH_DTYPES[recipe.model.dtype],
         "trust_remote_code": recipe.model.trust_remote_code,
@@ -76,7 +91,7 @@ def load_model(
         if labels:
             kwargs["id2label"] = {i: name for name, i in labels.items()}
             kwargs["label2id"] = dict(labels)
-        kwargs["num_labels"] = num_labels or recipe.model.num_labels
+        kwargs["num_labels"] = num_labels
         model = transformers.AutoModelForSequenceClassification.from_pretrained(base_path, **kwargs)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(base_path, **kwargs)

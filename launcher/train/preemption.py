@@ -4,8 +4,9 @@ When TUNE_LAUNCH_SAVE_SIGNAL names a signal (the SLURM node task sets SIGUSR2: s
 signal before the time limit, or a preemption), every rank installs a handler that only sets
 a flag. At each optimizer step's end the ranks agree on the flag (all-reduce MAX, so all stop
 at the same step); then the Trainer saves a complete checkpoint and stops, and rank 0 writes
-RUN_DIR/PREEMPTED {"step": N}. The requeued job resumes from that checkpoint: no optimizer
-step after the signal point is lost.
+RUN_DIR/PREEMPTED {"step": N} (RunDir.preempted_marker, written by launcher/train/entry.py).
+The requeued job resumes from that checkpoint: no optimizer step after the signal point is
+lost.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 log = logging.getLogger(__name__)
-ENV = "TUNE_LAUNCH_SAVE_SIGNAL"
-MARKER = "PREEMPTED"
+ENV = "TUNE_LAUNCH_SAVE_SIGNAL"  # a per-process fact: set by the SLURM node task
 
 
 class SaveOnSignal(TrainerCallback):
@@ -38,7 +38,7 @@ class SaveOnSignal(TrainerCallback):
     def _agreed(self) -> bool:
         import torch.distributed as dist
 
-        from launcher.train.callbacks import any_rank
+        from launcher.train.preflight import any_rank
 
         nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
         return any_rank(self.requested, "cuda" if nccl else "cpu")

@@ -1,8 +1,10 @@
-"""Pre-flight on every rank before weights load: the process group forms and an all-reduce
-returns the expected value, within seconds, naming the node when it does not.
+"""The process group: the pre-flight every rank runs before weights load (the group forms and
+an all-reduce returns the expected value, within seconds, naming the node when it does not),
+and the two collectives the run adds outside the Trainer (barrier, any_rank).
 
-Called first thing by launcher/train.py. The process group it initialises is the one the
-Trainer then uses (accelerate reuses an initialised default group).
+Called first thing by launcher/train/entry.py. The process group it initialises is the one
+the Trainer then uses (accelerate reuses an initialised default group). The timeouts are the
+plan's; rank, world size and node name are the launcher's per-process facts.
 """
 
 from __future__ import annotations
@@ -12,11 +14,17 @@ import logging
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from launcher.config.plan import Plan
 
 log = logging.getLogger(__name__)
 
 
-def run_preflight(timeout_s: int, on_gpu: bool) -> None:
+def run_preflight(plan: Plan) -> None:
     """Form the default process group and all-reduce ones; raise RuntimeError on mismatch."""
     import torch
     import torch.distributed as dist
@@ -24,17 +32,20 @@ def run_preflight(timeout_s: int, on_gpu: bool) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return
+    timeout_s = plan.recipe.distributed.preflight_timeout_s
     rank = int(os.environ.get("RANK", "0"))
     host = socket.gethostname()
     node = os.environ.get("SLURMD_NODENAME") or os.environ.get("TUNE_LAUNCH_NODE_NAME") or host
-    backend = "nccl" if on_gpu else "gloo"
+    backend = "nccl" if plan.on_gpu else "gloo"
     started = time.monotonic()
     if not dist.is_initialized():
-        if on_gpu:
+        if plan.on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        nccl_timeout = int(os.environ.get("TUNE_LAUNCH_NCCL_TIMEOUT_S", "1800"))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=nccl_timeout))
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        collective = datetime.timedelta(seconds=plan.recipe.distributed.nccl_timeout_s)
+        dist.init_process_group(backend=backend, timeout=collective)
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if plan.on_gpu else torch.device("cpu")
+    )
     value = torch.ones(1, device=device)
     work = dist.all_reduce(value, async_op=True)
     deadline = started + timeout_s
@@ -59,3 +70,23 @@ def run_preflight(timeout_s: int, on_gpu: bool) -> None:
         node,
         rank,
     )
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device | str) -> bool:
+    """True if flag is true on any rank (every rank must make the same decision)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)

@@ -8,8 +8,8 @@ written by the real recipe loader and resolver (model.dtype bf16, merge.shard_si
 --smoke: a 110 MB Llama (hidden 512, 8 layers, untied head) in shards of at most 10 MB.
 
 Each side runs in its own fresh process, alternating, ours first:
-- ours: launcher.merge.merge_run(RUN_DIR, force=True, verify_merge=False), the function behind
-  `tune-launch merge` (verification off: it loads whole models on purpose, to compare logits,
+- ours: launcher.merge.run.merge_run(RUN_DIR, force=True, verify_merge=False), the function
+  behind `tune-launch merge` (verification off: it loads whole models on purpose, to compare logits,
   and the CLI runs it for models up to 4 GiB in fp32; this benchmark times the merge itself).
 - baseline: tests/benchmarks/baseline_merge.py, transformers + peft as a user writes it.
 Peak RSS is the process's high-water mark from the kernel (`/usr/bin/time -f %M`, ru_maxrss,
@@ -73,7 +73,7 @@ OURS = (
 )
 ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 IMPORTS = {  # each side's interpreter with its imports done: the floor of its peak RSS
-    "ours": "import launcher.merge",
+    "ours": "import launcher.merge.run",
     "baseline": "import torch, transformers, peft; "
     "from transformers import AutoModelForCausalLM; from peft import PeftModel",
 }
@@ -250,7 +250,7 @@ def _result(
         "met": rss <= TARGET_RSS and wall <= TARGET_WALL and same,
         "about": (
             f"LoRA merge of a {gb:.2f} GB bf16 Llama ({model['base_shards']} shards) with "
-            "an all-linear r=16 adapter: `launcher.merge.merge_run` (verification off) vs "
+            "an all-linear r=16 adapter: `launcher.merge.run.merge_run` (verification off) vs "
             "peft `merge_and_unload` + `save_pretrained`, each in its own process; peak RSS "
             "is the kernel's ru_maxrss of the process (and psutil sampling as a cross-check)."
         ),
@@ -262,7 +262,7 @@ def _result(
     ours, theirs = med["ours"]["peak_rss_mb"], med["baseline"]["peak_rss_mb"]
     out["analysis"] = (
         f"Ours peaks at {ours:.0f} MB, {floor['ours']:.0f} MB of it the interpreter with "
-        f"launcher.merge (torch) imported: the merge adds {ours - floor['ours']:.0f} MB, the "
+        f"launcher.merge.run (torch) imported: the merge adds {ours - floor['ours']:.0f} MB, the "
         f"adapter ({model['adapter_bytes'] / 1e6:.0f} MB) and one adapted weight at a time in "
         "fp32 with its 16-bit input and output. Tensors the merge leaves as they are (the "
         "embedding, the norms) are copied file to file in 16 MiB pieces and adapted ones are "

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from launcher.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -27,10 +29,11 @@ def test_make_quickstart_end_to_end(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     # trained, merged (verified against base + adapter), evaluated
-    assert (run_dir / "final" / "adapter_model.safetensors").is_file()
-    assert (run_dir / "merged" / "COMPLETE").is_file()
-    results = json.loads((run_dir / "eval" / "results.json").read_text())
-    report = (run_dir / "eval" / "report.md").read_text()
+    run = RunDir(run_dir)
+    assert (run.final / "adapter_model.safetensors").is_file()
+    assert run.is_complete(run.merged)
+    results = json.loads(run.eval_results.read_text())
+    report = run.eval_report.read_text()
     metrics = results["metrics"]
     fine, base = metrics["finetuned"]["exact_match"], metrics["base"]["exact_match"]
     assert fine > base, metrics
@@ -38,7 +41,6 @@ def test_make_quickstart_end_to_end(tmp_path: Path) -> None:
     assert f"| {fine:.4f} |" in report  # the report shows what results.json holds
     # the train/serve contract: the server tokenizes the chat prompt as training did, stops at EOS
     assert results["contract"].get("ok") is True, results["contract"]
-    losses = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_losses = [r["loss"] for r in losses if r.get("loss") is not None]
+    train_losses = [r["loss"] for r in run.metrics() if r.get("loss") is not None]
     assert train_losses[-1] < train_losses[0] - 3.0
-    assert list((run_dir / "eval").glob("*.png")), "loss and comparison plots"
+    assert list(run.eval.glob("*.png")), "loss and comparison plots"

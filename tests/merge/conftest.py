@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+from launcher.rundir import RunDir
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -122,7 +124,7 @@ def write_adapter(
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
             if "lora_bias" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-    final = run_dir / "final"
+    final = RunDir(run_dir).final
     pm.save_pretrained(final)
     tok = transformers.AutoTokenizer.from_pretrained(base)
     if tok.chat_template:

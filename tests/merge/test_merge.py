@@ -13,11 +13,20 @@ import pytest
 import torch
 
 from launcher.errors import RunError
-from launcher.merge.run import merge_run, nf4_roundtrip_fn, quantized_weights, verify_run
+from launcher.merge.lora import nf4_roundtrip_fn, quantized_weights
+from launcher.merge.run import merge_run
+from launcher.merge.verify import verify_run
+from launcher.rundir import RunDir
 
 from .conftest import TEMPLATE_MARK, build_base, scramble_shards, write_adapter, write_plan
 
 ATOL_FP32 = 1e-5  # streamed fp32 merge vs peft merge_and_unload (measured ~1e-7)
+
+
+def marker_of(path: Path) -> dict[str, Any]:
+    marker = RunDir.read_marker(path)
+    assert marker is not None, f"{path} is not complete"
+    return marker
 
 
 def load_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -52,6 +61,21 @@ def assert_same(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], ato
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=atol, msg=name)
 
 
+def load_4bit(base: Path, dtype: torch.dtype) -> Any:
+    """The base as QLoRA training loads it: NF4 with double quantization, `dtype` compute."""
+    import transformers
+
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        base, dtype=dtype, quantization_config=config
+    )
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_streamed_merge_equals_peft_merge_and_unload(arch: str, bases: Any, tmp_path: Path) -> None:
     base = bases(arch)
@@ -61,7 +85,7 @@ def test_streamed_merge_equals_peft_merge_and_unload(arch: str, bases: Any, tmp_
 
     out = merge_run(run)
 
-    assert out == run / "merged"
+    assert out == RunDir(run).merged
     assert_same(load_dir(out), peft_merged(base, final), ATOL_FP32)
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) >= 3
@@ -78,10 +102,10 @@ def test_streamed_merge_equals_peft_merge_and_unload(arch: str, bases: Any, tmp_
     assert (out / "train_contract.json").read_bytes() == (
         final / "train_contract.json"
     ).read_bytes()
-    marker = json.loads((out / "COMPLETE").read_text())
+    marker = marker_of(out)
     assert marker["verified_max_logit_diff"] < 1e-4
-    assert not (run / "merged.tmp").exists()
-    assert "verified: max |logits difference|" in (run / "logs" / "merge.log").read_text()
+    assert not RunDir(run).merged_staging.exists()
+    assert "verified: max |logits difference|" in RunDir(run).merge_log.read_text()
 
 
 def test_rslora_patterns_modules_to_save_embeddings_scrambled_base(tmp_path: Path) -> None:
@@ -183,19 +207,10 @@ def test_nf4_roundtrip_equals_bitsandbytes_4bit_load(bases: Any) -> None:
     4-bit load (same modules, same values)."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
-    import transformers
 
     base = bases("llama")
     original = load_dir(base)
-    config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-    qmodel = transformers.AutoModelForCausalLM.from_pretrained(
-        base, dtype=torch.bfloat16, quantization_config=config
-    )
+    qmodel = load_4bit(base, torch.bfloat16)
     roundtrip = nf4_roundtrip_fn(torch.bfloat16, "nf4", True)
     seen = set()
     for name, module in qmodel.named_modules():
@@ -221,15 +236,7 @@ def test_qlora_merged_logits_match_4bit_base_plus_adapter(
     write_plan(run, str(base), method={"kind": "qlora"}, merge={"nf4_roundtrip": roundtrip})
     final = write_adapter(run, base)
     merged_dir = merge_run(run)
-    config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    base4 = transformers.AutoModelForCausalLM.from_pretrained(
-        base, dtype=torch.float32, quantization_config=config
-    )
+    base4 = load_4bit(base, torch.float32)
     trained = PeftModel.from_pretrained(base4, str(final)).eval()
     merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     ids = transformers.AutoTokenizer.from_pretrained(final)(
@@ -263,13 +270,13 @@ def test_idempotent_then_force_then_changed_adapter(
     assert set(after) == set(before)
     assert all(after[n] > before[n] for n in before if n.endswith(".safetensors"))
 
-    first = json.loads((out / "COMPLETE").read_text())["fingerprint"]
+    first = marker_of(out)["fingerprint"]
     write_adapter(run, base, seed=7)  # new training result: same file names, new content
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="launcher"):
         merge_run(run)
     assert "nothing to do" not in caplog.text
-    assert json.loads((out / "COMPLETE").read_text())["fingerprint"] != first
+    assert marker_of(out)["fingerprint"] != first
 
 
 def test_tampered_merge_fails_verification(bases: Any, tmp_path: Path) -> None:
@@ -295,26 +302,26 @@ def test_tampered_merge_fails_verification(bases: Any, tmp_path: Path) -> None:
 def test_wrong_merge_is_not_published(
     bases: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from launcher.merge import run as merge
+    from launcher.merge.lora import LoraWeight
 
     base = bases("llama")
     run = tmp_path / "run"
     write_plan(run, str(base))
     write_adapter(run, base)
-    real = merge.LoraWeight.add_to
+    real = LoraWeight.add_to
 
-    def doubled(self: merge.LoraWeight, weight: torch.Tensor) -> torch.Tensor:
+    def doubled(self: LoraWeight, weight: torch.Tensor) -> torch.Tensor:
         once = real(self, weight)
         return real(self, once) if "layers.0.mlp" in self.module else once
 
-    monkeypatch.setattr(merge.LoraWeight, "add_to", doubled)
+    monkeypatch.setattr(LoraWeight, "add_to", doubled)
     with pytest.raises(RunError, match="verify_tolerance"):
         merge_run(run)
-    assert not (run / "merged").exists()
-    assert (run / "merged.tmp" / "model.safetensors.index.json").is_file()
+    assert not RunDir(run).merged.exists()
+    assert (RunDir(run).merged_staging / "model.safetensors.index.json").is_file()
     monkeypatch.undo()  # the next, correct merge replaces the leftover merged.tmp
-    assert merge_run(run) == run / "merged"
-    assert not (run / "merged.tmp").exists()
+    assert merge_run(run) == RunDir(run).merged
+    assert not RunDir(run).merged_staging.exists()
 
 
 def test_large_models_skip_verification(
@@ -324,11 +331,11 @@ def test_large_models_skip_verification(
     run = tmp_path / "run"
     write_plan(run, str(base))
     write_adapter(run, base)
-    monkeypatch.setattr("launcher.merge.run.VERIFY_MAX_BYTES", 1000)
+    monkeypatch.setattr("launcher.merge.verify.VERIFY_MAX_BYTES", 1000)
     with caplog.at_level(logging.INFO, logger="launcher"):
         out = merge_run(run)
     assert "skipping verification" in caplog.text
-    assert json.loads((out / "COMPLETE").read_text())["verified_max_logit_diff"] is None
+    assert marker_of(out)["verified_max_logit_diff"] is None
 
 
 def test_full_method_serves_final_as_is(bases: Any, tmp_path: Path) -> None:
@@ -337,9 +344,9 @@ def test_full_method_serves_final_as_is(bases: Any, tmp_path: Path) -> None:
     write_plan(run, str(base), method={"kind": "full"})
     with pytest.raises(RunError, match="no safetensors weights"):
         merge_run(run)
-    shutil.copytree(base, run / "final")
-    assert merge_run(run) == run / "final"
-    assert not (run / "merged").exists()
+    shutil.copytree(base, RunDir(run).final)
+    assert merge_run(run) == RunDir(run).final
+    assert not RunDir(run).merged.exists()
 
 
 def test_user_errors(bases: Any, tmp_path: Path) -> None:
@@ -354,7 +361,6 @@ def test_user_errors(bases: Any, tmp_path: Path) -> None:
     with pytest.raises(RunError, match="not a run directory"):
         merge_run(tmp_path)
     from launcher.cli import main
-    from launcher.rundir import RunDir
 
     with RunDir(run).lock("a test"):  # `tune-launch merge` refuses while another holds it
         assert main(["merge", str(run)]) == 1

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from launcher.merge.run import merge_run
+from launcher.rundir import RunDir
 
 from .conftest import write_plan
 from .test_merge import load_dir
@@ -58,7 +59,7 @@ def test_zero3_checkpoint_is_consolidated(bases: Any, tmp_path: Path) -> None:
     base = bases("llama")
     run = tmp_path / "run"
     write_plan(run, str(base), method={"kind": "full"}, merge={"shard_size_gb": 0.0003})
-    ckpt = run / "checkpoints" / "checkpoint-1"
+    ckpt = RunDir(run).checkpoint(1)
     ref = tmp_path / "trained.safetensors"
     root = Path(__file__).resolve().parents[2]
     env = {
@@ -82,17 +83,17 @@ def test_zero3_checkpoint_is_consolidated(bases: Any, tmp_path: Path) -> None:
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    (ckpt / "COMPLETE").write_text("")
+    RunDir.mark_complete(ckpt, {"step": 1})
     for name in ("config.json", "generation_config.json"):
         shutil.copy(base / name, ckpt / name)
-    final = run / "final"  # what a ZeRO-3 run without gathered 16-bit weights leaves
+    final = RunDir(run).final  # what a ZeRO-3 run without gathered 16-bit weights leaves
     final.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(base / name, final / name)
 
     out = merge_run(run)
 
-    assert out == run / "merged"
+    assert out == RunDir(run).merged
     merged = load_dir(out)
     trained = load_file(str(ref))
     assert set(merged) == set(trained)

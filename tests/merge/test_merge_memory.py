@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from launcher.rundir import RunDir
+
 from .conftest import save_multishard, write_plan
 
 PROBE = r"""
@@ -87,7 +89,7 @@ def test_streaming_merge_peak_rss_is_far_below_model_size(tmp_path: Path) -> Non
         for name, param in pm.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02)
-    pm.save_pretrained(run / "final")
+    pm.save_pretrained(RunDir(run).final)
     del model, pm
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -102,7 +104,7 @@ def test_streaming_merge_peak_rss_is_far_below_model_size(tmp_path: Path) -> Non
     )
     assert result.returncode == 0, result.stderr[-3000:]
     stats = json.loads(result.stdout.strip().splitlines()[-1])
-    index = json.loads((run / "merged" / "model.safetensors.index.json").read_text())
+    index = json.loads((RunDir(run).merged / "model.safetensors.index.json").read_text())
     out_shards = len(set(index["weight_map"].values()))
     peak = max(stats["sampled_peak_delta"], stats["maxrss_delta"] or 0)
     mib = 2**20

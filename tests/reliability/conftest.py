@@ -268,7 +268,8 @@ def loss_steps(run_dir: Path) -> list[int]:
 
 
 def resumed_step(log_text: str) -> int | None:
-    """The step a run resumed from, from train.py's `resuming from .../checkpoint-N (step N)`."""
+    """The step a run resumed from, from launcher/train/entry.py's
+    `resuming from .../checkpoint-N (step N)`."""
     found = re.findall(r"resuming from \S*checkpoint-(\d+) \(step (\d+)\)", log_text)
     return int(found[-1][1]) if found else None
 

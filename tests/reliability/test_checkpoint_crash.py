@@ -1,6 +1,6 @@
-"""A crash while a checkpoint is being written (TUNE_LAUNCH_FAULT=crash_in_save, launcher/
-checkpoint.py: rank 0 exits in the middle of the Trainer's save, after the weights and before
-the optimizer state).
+"""A crash while a checkpoint is being written (TUNE_LAUNCH_FAULT=crash_in_save,
+launcher/train/faults.py: rank 0 exits in the middle of the Trainer's save, after the weights
+and before the optimizer state).
 
 tests/train/test_train_runs.py::test_crash_during_a_save_leaves_the_previous_checkpoint_resumable
 covers the manual path (the run fails, the partial save stays in checkpoints/.staging, the

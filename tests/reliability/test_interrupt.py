@@ -113,8 +113,8 @@ def test_a_second_run_in_the_same_directory_refuses_while_the_first_runs(
     record_property("fault_class", "two runs in one run directory (lock)")
     second = sequence["second"]
     assert second["code"] != 0, second["stderr"]
-    assert "in use by another run" in second["stderr"], second["stderr"]
-    assert "pid " in second["stderr"]  # names the holder
+    assert "is in use by tune-launch run: pid " in second["stderr"], second["stderr"]  # the holder
+    assert "tune-launch cancel" in second["stderr"]  # and what to do
     assert "Traceback" not in second["stderr"]
     assert second["first_alive"], "the refused run must not disturb the first"
     assert not second["new_processes"], "the refused run started processes"

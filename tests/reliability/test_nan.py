@@ -1,5 +1,5 @@
-"""The loss goes NaN (TUNE_LAUNCH_FAULT=nan_loss:<step>, launcher/callbacks.py: the loss of
-that step is multiplied by NaN on every rank, after the real forward pass).
+"""The loss goes NaN (TUNE_LAUNCH_FAULT=nan_loss:<step>, launcher/train/faults.py: the loss
+of that step is multiplied by NaN on every rank, after the real forward pass).
 
 train.nan_policy=stop: the run exits 1 naming the step, the last good checkpoint and a hint,
 and that checkpoint is byte-for-byte what it was before the NaN. (tests/train covers the

@@ -6,7 +6,7 @@ no unsafe deserialisation.
   model.trust_remote_code); every torch.load passes weights_only=True; no yaml.load without
   a safe loader; no eval/exec/os.system/shell=True; pickle only where listed (submitit's own
   result files, which its job wrote).
-- launcher.model.load_model passes trust_remote_code from the recipe (False by default).
+- launcher.train.model.load_model passes trust_remote_code from the recipe (False by default).
 - A model directory with a poisoned pytorch_model.bin (a pickle that runs `touch MARKER`):
   next to model.safetensors the safetensors file is read; alone it is refused; the payload
   never runs.
@@ -124,7 +124,7 @@ def test_load_model_passes_trust_remote_code_from_the_recipe(
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
     (tmp_path / "m").mkdir()
     overrides = [] if trust is None else ["model.trust_remote_code=true"]
-    modeling.load_model(_plan(tmp_path / "m", *overrides), str(tmp_path / "m"))
+    modeling.load_model(_plan(tmp_path / "m", *overrides))
     assert seen["trust_remote_code"] is bool(trust)
     assert seen.get("weights_only", True) is True and seen.get("use_safetensors") is not False
 
@@ -168,7 +168,7 @@ def test_weights_come_from_safetensors_next_to_a_poisoned_bin(
     from launcher.train import model as modeling
 
     model_dir, marker = _poisoned_copy(tiny_model, tmp_path, keep_safetensors=True)
-    net = modeling.load_model(_plan(model_dir, "model.dtype=fp32"), str(model_dir))
+    net = modeling.load_model(_plan(model_dir, "model.dtype=fp32"))
     expected = load_file(str(model_dir / "model.safetensors"))
     name = next(k for k in expected if k.endswith("embed_tokens.weight"))
     assert torch.equal(net.state_dict()[name], expected[name])
@@ -183,6 +183,6 @@ def test_a_poisoned_bin_alone_is_refused_without_running(
 
     model_dir, marker = _poisoned_copy(tiny_model, tmp_path, keep_safetensors=False)
     with pytest.raises(Exception) as info:
-        modeling.load_model(_plan(model_dir, "model.dtype=fp32"), str(model_dir))
+        modeling.load_model(_plan(model_dir, "model.dtype=fp32"))
     assert not marker.exists(), "the pickle payload ran"
     assert "weights_only" in str(info.value) or "Unsupported global" in str(info.value), info.value

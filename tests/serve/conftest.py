@@ -22,6 +22,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from serve_models import make_run_dir, random_adapter, servable_tiny, write_metrics
 
+from launcher.rundir import RunDir
+
 API_KEY_ENV = "TL_SERVE_TEST_KEY"
 API_KEY = "tl-test-" + secrets.token_hex(12)
 
@@ -46,7 +48,7 @@ def serve_run(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path
     """RUN_DIR with plan.json, base/ (trained tiny), final/ (random LoRA), metrics.jsonl."""
     run = make_run_dir(tmp_path_factory.mktemp("runs") / "qs", RUN_OVERRIDES)
     shutil.copytree(tiny_base, run / "base")
-    random_adapter(run / "base", run / "final")
+    random_adapter(RunDir(run).base, RunDir(run).final)
     write_metrics(run)
     return run
 

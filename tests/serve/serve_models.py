@@ -127,6 +127,8 @@ def make_run_dir(root: Path, overrides: list[str] | None = None) -> Path:
 
 
 def write_metrics(run: Path) -> None:
+    from launcher.rundir import RunDir
+
     rows = [{"step": s, "loss": 3.0 / s, "learning_rate": 1e-3} for s in range(5, 61, 5)]
     rows += [{"step": s, "eval_loss": 2.5 / s**0.5} for s in (20, 40, 60)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    RunDir(run).metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from launcher.rundir import RunDir
+
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 
@@ -29,9 +31,9 @@ def _table(report: str) -> dict[str, list[str]]:
 def _check_agree(run: Path, results: dict) -> dict:
     from serve.report import COLUMNS, LABELS, fmt
 
-    on_disk = json.loads((run / "eval" / "results.json").read_text())
+    on_disk = json.loads(RunDir(run).eval_results.read_text())
     assert on_disk["metrics"] == results["metrics"]
-    table = _table((run / "eval" / "report.md").read_text())
+    table = _table(RunDir(run).eval_report.read_text())
     assert set(table) == {LABELS[v] for v in on_disk["metrics"]}
     for variant, metrics in on_disk["metrics"].items():
         assert table[LABELS[variant]] == [fmt(metrics[c]) for c in COLUMNS]
@@ -61,9 +63,9 @@ def test_eval_against_the_shared_endpoint(server, serve_run: Path) -> None:
     assert on_disk["metrics"]["base"]["perplexity"] < on_disk["metrics"]["finetuned"]["perplexity"]
     assert isinstance(on_disk["contract"]["ok"], bool)  # a random adapter may never stop
     assert "lm_eval" in on_disk
-    for png in ("loss.png", "comparison.png"):
-        assert (serve_run / "eval" / png).stat().st_size > 1000
-    report = (serve_run / "eval" / "report.md").read_text()
+    for plot in ("loss", "comparison"):
+        assert RunDir(serve_run).eval_plot(plot).stat().st_size > 1000
+    report = RunDir(serve_run).eval_report.read_text()
     assert "![loss](loss.png)" in report and "![comparison](comparison.png)" in report
 
 
@@ -74,9 +76,8 @@ def test_eval_starts_its_own_server(serve_run: Path, api_key: str) -> None:
     on_disk = _check_agree(serve_run, results)
     assert on_disk["layout"] == "one server: base + LoRA module"
     assert on_disk["served"]["finetuned"]["lora"] is True
-    assert on_disk["served"]["base"]["path"] == str(serve_run / "base")
+    assert on_disk["served"]["base"]["path"] == str(RunDir(serve_run).base)
     log = Path(on_disk["served"]["finetuned"]["log"])
+    assert log == RunDir(serve_run).named_server_log("eval")
     assert log.is_file() and api_key not in log.read_text(errors="replace")
-    assert re.search(
-        r"\| fine-tuned \| qs \(LoRA\) \|", (serve_run / "eval" / "report.md").read_text()
-    )
+    assert re.search(r"\| fine-tuned \| qs \(LoRA\) \|", RunDir(serve_run).eval_report.read_text())

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from launcher.errors import RunError
+from launcher.rundir import RunDir
 from serve.spec import ENTRYPOINT
 from serve.vllm import ServeSpec, VLLMServer
 
@@ -76,7 +77,7 @@ def test_bad_model_path_is_a_run_error_with_the_log_tail(tmp_path: Path) -> None
     assert took < 300
     assert server.proc is None
     _assert_gone(server.spawned, next(iter(server.spawned)))  # the first one is the leader
-    assert (tmp_path / "logs" / "server.log").is_file()
+    assert RunDir(tmp_path).server_log.is_file()
 
 
 def test_health_timeout_stops_the_starting_server(tmp_path: Path, tiny_base: Path) -> None:

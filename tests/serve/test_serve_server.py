@@ -66,13 +66,14 @@ def test_contract_passes_on_tiny_model(server, api_key, serve_run: Path) -> None
 
 def test_contract_reports_a_template_mismatch(server, api_key, serve_run: Path, tmp_path) -> None:
     from launcher.errors import RunError
+    from launcher.rundir import RunDir
     from serve.vllm import check_contract
 
     trained = tmp_path / "trained"
-    shutil.copytree(serve_run / "final", trained)
-    contract = json.loads((trained / "train_contract.json").read_text())
+    shutil.copytree(RunDir(serve_run).final, trained)
+    contract = json.loads(RunDir.contract_file(trained).read_text())
     contract["chat_template"] = contract["chat_template"].replace("<|end|>", "</s>")
-    (trained / "train_contract.json").write_text(json.dumps(contract))
+    RunDir.contract_file(trained).write_text(json.dumps(contract))
     with pytest.raises(RunError, match=r"formats chats differently.*first difference at token"):
         check_contract(server.base_url, "base", trained, api_key=api_key)
 

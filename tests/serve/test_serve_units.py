@@ -11,6 +11,7 @@ import pytest
 from serve_models import make_run_dir, write_metrics
 
 from launcher.errors import RecipeError, RunError
+from launcher.rundir import RunDir
 from serve.eval import servers_for, targets_at_endpoint
 from serve.examples import Example, few_shot_shots, with_shots
 from serve.report import COLUMNS, LABELS, fmt, render_markdown, write_report
@@ -124,7 +125,7 @@ def _fake_adapter(final: Path, r: int = 12) -> None:
 
 def test_spec_for_run_lora(tmp_path: Path) -> None:
     run = _fake_run(tmp_path, ["serve.api_key_env=MY_KEY"])
-    _fake_adapter(run / "final")
+    _fake_adapter(RunDir(run).final)
     spec = spec_for_run(run, mode="lora")
     argv = [a.replace(str(run), "RUN_DIR") for a in render_argv(spec, 9000, PY)]
     assert argv == [
@@ -146,16 +147,17 @@ def test_spec_for_run_lora(tmp_path: Path) -> None:
 
 def test_spec_for_run_merged(tmp_path: Path) -> None:
     run = _fake_run(tmp_path, ["serve.max_model_len=256", "serve.port=8100"])
-    _fake_adapter(run / "final")
+    _fake_adapter(RunDir(run).final)
     with pytest.raises(RunError, match="tune-launch merge"):
         spec_for_run(run)
-    (run / "merged").mkdir()
-    (run / "merged" / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    merged = RunDir(run).merged
+    merged.mkdir()
+    (merged / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
     with pytest.raises(RunError, match="no complete merged"):
         spec_for_run(run)
-    (run / "merged" / "COMPLETE").write_text("")
+    RunDir.mark_complete(merged, {})
     spec = spec_for_run(run)
-    assert (spec.model, spec.served_name, spec.dtype) == (str(run / "merged"), "qs", "bfloat16")
+    assert (spec.model, spec.served_name, spec.dtype) == (str(merged), "qs", "bfloat16")
     assert (spec.max_model_len, spec.port, spec.lora_modules) == (256, 8100, ())
     assert spec_for_run(run, mode="lora", port=0, host="0.0.0.0").lora_modules
     spec = spec_for_run(run, port=0, host="0.0.0.0", engine="vllm")
@@ -199,14 +201,12 @@ def test_serve_cli_usage_errors(tmp_path: Path) -> None:
 
 
 def test_layout_one_server_for_lora(tmp_path: Path) -> None:
-    from launcher.rundir import RunDir
-
-    run = _fake_run(tmp_path)
-    _fake_adapter(run / "final")
-    groups = servers_for(run, RunDir(run).load_plan(), "auto", 200)
+    run = RunDir(_fake_run(tmp_path))
+    _fake_adapter(run.final)
+    groups = servers_for(run, run.load_plan(), "auto", 200)
     assert len(groups) == 1
     spec, targets = groups[0]
-    assert spec.lora_modules == (("qs", str(run / "final")),) and spec.max_model_len == 200
+    assert spec.lora_modules == (("qs", str(run.final)),) and spec.max_model_len == 200
     assert targets == [
         Target("finetuned", "qs"),
         Target("base", "base"),
@@ -215,23 +215,19 @@ def test_layout_one_server_for_lora(tmp_path: Path) -> None:
 
 
 def test_layout_two_servers_for_a_full_fine_tune(tmp_path: Path) -> None:
-    from launcher.rundir import RunDir
-
-    run = _fake_run(tmp_path, ["method.kind=full", "eval.few_shot=0"])
-    (run / "final").mkdir()
-    (run / "final" / "config.json").write_text(json.dumps({"dtype": "float32"}))
-    groups = servers_for(run, RunDir(run).load_plan(), "auto", None)
+    run = RunDir(_fake_run(tmp_path, ["method.kind=full", "eval.few_shot=0"]))
+    run.final.mkdir()
+    (run.final / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    groups = servers_for(run, run.load_plan(), "auto", None)
     assert [(s.model, s.served_name, [t.variant for t in ts]) for s, ts in groups] == [
-        (str(run / "final"), "qs", ["finetuned"]),
-        (str(run / "base"), "base", ["base"]),
+        (str(run.final), "qs", ["finetuned"]),
+        (str(run.base), "base", ["base"]),
     ]
     with pytest.raises(RunError, match="one-server needs a LoRA adapter"):
-        servers_for(run, RunDir(run).load_plan(), "one-server", None)
+        servers_for(run, run.load_plan(), "one-server", None)
 
 
 def test_targets_at_an_endpoint(tmp_path: Path) -> None:
-    from launcher.rundir import RunDir
-
     plan = RunDir(_fake_run(tmp_path)).load_plan()
     assert [t.model for t in targets_at_endpoint(["base", "qs"], plan)] == ["qs", "base", "base"]
     assert [t.variant for t in targets_at_endpoint(["other"], plan)] == ["finetuned"]
@@ -315,20 +311,20 @@ def test_report_markdown_matches_results() -> None:
 
 
 def test_write_report_files(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
     write_metrics(tmp_path)
-    written = write_report(tmp_path, _results())
+    written = write_report(run, _results())
     assert set(written) == {"loss", "comparison", "results", "report"}
-    for name in ("loss.png", "comparison.png"):
-        assert (tmp_path / "eval" / name).read_bytes()[:4] == b"\x89PNG"
-    data = json.loads((tmp_path / "eval" / "results.json").read_text())
+    for name in ("loss", "comparison"):
+        assert run.eval_plot(name).read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(run.eval_results.read_text())
     assert data["plots"] == {"loss": "loss.png", "comparison": "comparison.png"}
-    report = (tmp_path / "eval" / "report.md").read_text()
-    assert "![loss](loss.png)" in report
+    assert "![loss](loss.png)" in run.eval_report.read_text()
 
 
 def test_write_report_without_metrics_file(tmp_path: Path) -> None:
-    written = write_report(tmp_path, _results())
-    assert "loss" not in written and (tmp_path / "eval" / "report.md").is_file()
+    written = write_report(RunDir(tmp_path), _results())
+    assert "loss" not in written and RunDir(tmp_path).eval_report.is_file()
 
 
 class _WordTokenizer:

@@ -1,6 +1,6 @@
-"""A stand-in for launcher/train.py that follows the same contract, in a second per step.
+"""A stand-in for launcher/train/entry.py that follows the same contract, in a second per step.
 
-Used by the SLURM plumbing tests: it forms the real gloo group (launcher.preflight), logs
+Used by the SLURM plumbing tests: it forms the real gloo group (launcher.train.preflight), logs
 per rank, appends metrics.jsonl, writes checkpoints with COMPLETE markers, resumes from the
 latest one, and on TUNE_LAUNCH_SAVE_SIGNAL saves at the next step boundary (all ranks
 agree through an all-reduce), writes RUN_DIR/PREEMPTED and exits 0.
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from launcher.rundir import RunDir
 from launcher.train.preflight import run_preflight
 
 
@@ -38,7 +39,7 @@ def main(run_dir: str) -> int:
     name = os.environ.get("TUNE_LAUNCH_SAVE_SIGNAL")
     if name:
         signal.signal(getattr(signal, name), lambda s, f: stop.__setitem__("flag", 1))
-    run_preflight(30, on_gpu=False)
+    run_preflight(RunDir(run).load_plan())
     steps = int(os.environ.get("FAKE_STEPS", "12"))
     every = int(os.environ.get("FAKE_SAVE_STEPS", "4"))
     ckpts = run / "checkpoints"

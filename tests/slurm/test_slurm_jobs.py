@@ -1,6 +1,6 @@
 """The SLURM backend on a real SLURM (cluster/testcluster/up.sh: nodes n1, n2; CPU only).
 
-Real training (launcher/train.py) across the two emulated nodes, one process each, through
+Real training (launcher/train/entry.py) across the two emulated nodes, one process each, through
 `tune-launch ... --backend slurm`; the plumbing (preemption paths, cancel) with
 tests/slurm/fake_train.py, a one-second-per-step stand-in that follows train.py's contract,
 so those tests spend their time on SLURM and not on imports.
@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.slurm import SlurmBackend, sbatch_script
+from cluster.slurm import SlurmBackend
 from launcher.config.plan import ClusterFacts, Plan, resolve
 from launcher.config.recipe import load_recipe, localize
+from launcher.rundir import RunDir, write_plan
 
 pytestmark = pytest.mark.slurm
 
@@ -123,7 +124,9 @@ def fake_plan(run: Path, *overrides: str) -> Plan:
 def submit_fake(plan: Plan, monkeypatch: pytest.MonkeyPatch, **knobs: str) -> str:
     for key, value in {**ENV, **knobs}.items():
         monkeypatch.setenv(key, value)  # sbatch exports the submitting environment
-    assert SlurmBackend().submit(plan, wait=False) == 0
+    write_plan(plan)  # the run directory, as the pipeline writes it before submitting
+    backend = SlurmBackend()
+    assert backend.submit(backend.prepare(plan)) == 0
     return json.loads((Path(plan.run_dir) / "job.json").read_text())["job_id"]
 
 
@@ -134,7 +137,7 @@ def submit_fake(plan: Plan, monkeypatch: pytest.MonkeyPatch, **knobs: str) -> st
 def test_sbatch_test_only_accepts_the_70b_script(tmp_path: Path) -> None:
     recipe = load_recipe(ROOT / "recipes/llama70b_qlora.yaml", nodes=2)
     plan = resolve(recipe, ClusterFacts(run_dir=str(tmp_path / "run"), python=sys.executable))
-    script = sbatch_script(plan)
+    script = SlurmBackend().prepare(plan).script
     # test-only override: this CPU cluster has no GPUs, 2 CPUs and ~11 GB per node, so the
     # three resource sizes it cannot satisfy are reduced; every other line is the rendered one
     reductions = {
@@ -168,8 +171,7 @@ def test_save_signal_saves_requeues_and_resumes(
     plan = fake_plan(run)
     job_id = submit_fake(plan, monkeypatch, FAKE_STEPS="10", FAKE_SAVE_STEPS="4")
     submitted = (run / "slurm" / f"{job_id}_submission.sh").read_text()
-    dry = SlurmBackend().dryrun(plan)
-    assert submitted == next(v for k, v in dry.items() if k.startswith("sbatch script"))
+    assert submitted == SlurmBackend().prepare(plan).script
 
     wait_for(lambda: len(train_steps(run)) >= 2, 90, "step 2")
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
@@ -229,19 +231,31 @@ def test_cancel_ends_the_job_and_status_says_cancelled(
 
 
 def test_quickstart_trains_across_two_nodes(tmp_path: Path) -> None:
+    """Also: `--dry-run` printed the very request the run submitted, and submitit wrote the
+    script the dry run showed."""
     run = tmp_path / "run"
-    out = tune(
+    argv = [
         str(ROOT / "recipes/quickstart.yaml"),
         *QUICK,
-        "--wait",
         "--set",
         "train.max_steps=6",
         "--set",
         "train.save_steps=3",
         "--run-dir",
         str(run),
-    )
+    ]
+    dry = tune(*argv, "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    out = tune(*argv, "--wait")
     assert out.returncode == 0, out.stdout + out.stderr
+    submitted = RunDir(run).request_file.read_text()
+    assert dry.stdout.startswith(submitted + "\nplan "), (submitted, dry.stdout)
+    job_id = json.loads(RunDir(run).job_file.read_text())["job_id"]
+    script = (RunDir(run).slurm / f"{job_id}_submission.sh").read_text().rstrip()
+    assert (
+        f"--- sbatch script (submitit writes it as {RunDir(run).slurm}/<job id>_submission.sh)\n{script}\n\n"
+        in submitted
+    )
     assert re.search(r"submitted SLURM job \d+", out.stdout), out.stdout
     assert f"tune-launch status {run}" in out.stdout
     final = run / "final"

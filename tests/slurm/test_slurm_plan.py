@@ -1,5 +1,6 @@
 """The SLURM backend without a cluster: sbatch rendering (golden files), rank/placeholder
-adapter, the node task's pickling and error summary, --smoke. Fast; no `slurm` marker.
+adapter, the node task's pickling and error summary, --smoke, and the choice of the backend
+(the same for the dry run and the run). Fast; no `slurm` marker.
 
 UPDATE_GOLDEN=1 rewrites tests/slurm/golden/*.
 """
@@ -10,15 +11,18 @@ import json
 import os
 import pickle
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from cluster import rank_env
-from cluster.node_entry import NodeTask, error_summary
-from cluster.slurm import SlurmBackend, sbatch_parameters, sbatch_script, time_minutes
+from cluster.diagnose import Failure, error_summary, first_failure
+from cluster.node_entry import NodeTask, failure_message
+from cluster.slurm import SlurmBackend, sbatch_parameters
 from launcher.config.plan import ClusterFacts, Plan, resolve
 from launcher.config.recipe import load_recipe, localize
+from launcher.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -47,7 +51,7 @@ CASES = {
 def test_sbatch_script_matches_golden(case: str, tmp_path: Path) -> None:
     recipe, overrides = CASES[case]
     plan = _plan(recipe, tmp_path, *overrides)
-    text = _normalise(sbatch_script(plan), plan)
+    text = _normalise(SlurmBackend().prepare(plan).script, plan)
     golden = GOLDEN / f"{case}.sbatch"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.parent.mkdir(exist_ok=True)
@@ -79,7 +83,7 @@ def test_extra_directives_and_scheduling_fields(tmp_path: Path) -> None:
         "resources.constraint=a100",
         "resources.sbatch_extra={mail-type: END, requeue: true, hold: false}",
     )
-    text = sbatch_script(plan)
+    text = SlurmBackend().prepare(plan).script
     for line in (
         "#SBATCH --partition=gpu",
         "#SBATCH --account=proj",
@@ -92,33 +96,25 @@ def test_extra_directives_and_scheduling_fields(tmp_path: Path) -> None:
     assert "hold" not in text
 
 
-def test_time_formats() -> None:
-    assert time_minutes("90") == 90
-    assert time_minutes("00:30:00") == 30
-    assert time_minutes("01:00:01") == 61
-    assert time_minutes("2-00:00:00") == 2880
-
-
 def test_dryrun_is_what_submitit_writes(tmp_path: Path) -> None:
     """The dry run's script is submitit's own rendering of the executor's parameters."""
-    import submitit
     from submitit.slurm import slurm as submitit_slurm
 
     plan = _plan("llama70b_qlora.yaml", tmp_path)
-    shown = SlurmBackend().dryrun(plan)
-    script = next(v for k, v in shown.items() if k.startswith("sbatch script"))
+    request = SlurmBackend().prepare(plan)
     # an executor as submit() builds it (the srun check patched: no cluster needed here)
     original = submitit_slurm.SlurmExecutor.affinity
     submitit_slurm.SlurmExecutor.affinity = classmethod(lambda cls: 2)  # type: ignore[method-assign,assignment]
     try:
-        executor = submitit.SlurmExecutor(
-            folder=Path(plan.run_dir) / "slurm", python=plan.launch[0]
-        )
+        executor = request.executor()
     finally:
         submitit_slurm.SlurmExecutor.affinity = original  # type: ignore[method-assign]
-    executor.update_parameters(**sbatch_parameters(plan))
-    assert script == executor._make_submission_file_text(executor._submitit_command_str, "x")
-    assert "{node_rank}" in shown["each task (srun, one per node)"]
+    script = executor._make_submission_file_text(executor._submitit_command_str, "x")
+    assert request.script == script
+    shown = request.render()
+    assert f"--- sbatch script (submitit writes it as {request.folder}" in shown
+    assert script.rstrip() in shown
+    assert "{node_rank}" in shown.split("--- each task (srun, one per node)")[1]
 
 
 def test_master_port_per_job_and_restart() -> None:
@@ -192,11 +188,18 @@ def test_ranks_from_torchrun_then_slurm(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_node_task_pickles_without_runtime_state() -> None:
-    task = NodeTask("/runs/x", max_requeues=3, save_timeout_s=60)
+    task = NodeTask(
+        "/runs/x",
+        launch=["torchrun", "{node_rank}"],
+        env={"A": "1"},
+        max_requeues=3,
+        save_timeout_s=60,
+    )
     task.requeues = 2
     task._signals["SIGUSR2"] = 1.0
     copy = pickle.loads(pickle.dumps(task))
     assert (copy.run_dir, copy.requeues, copy.max_requeues) == ("/runs/x", 2, 3)
+    assert (copy.launch, copy.env) == (["torchrun", "{node_rank}"], {"A": "1"})
     assert copy._signals == {} and copy._proc is None
 
 
@@ -252,13 +255,62 @@ def test_smoke_keeps_the_plan_and_shrinks_the_rest(
     assert (gpu.model.dtype, gpu.train.precision) == ("bf16", "bf16")
 
 
-def test_failure_message_names_the_first_failing_rank_and_its_node(tmp_path: Path) -> None:
-    from cluster.node_entry import failure_message
+# torchrun's report of a rank killed from outside (torch.distributed.elastic's format)
+ROOT_CAUSE_KILLED = """
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-22_10:00:09
+  host      : n2
+  rank      : 1 (local_rank: 0)
+  exitcode  : -9 (pid: 4242)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 4242
+"""
 
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    assert failure_message(tmp_path, since=0) is None
-    (logs / "rank1.log").write_text(
+
+def test_the_first_failure_is_the_killed_rank_else_the_oldest_error_file(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    run.logs.mkdir()
+    assert first_failure(run, "", since=0) == Failure(None)
+    run.rank_error(1).write_text("")
+    os.utime(run.rank_error(1), (100, 100))
+    run.rank_error(0).write_text("")  # a later failure: the peer that lost rank 1
+    os.utime(run.rank_error(0), (200, 200))
+    assert first_failure(run, "", since=50) == Failure(1)
+    assert first_failure(run, "", since=300) == Failure(None)  # an earlier attempt's errors
+    # a rank killed from outside writes no error file: torchrun's report names it
+    assert first_failure(run, ROOT_CAUSE_KILLED, since=300) == Failure(1, "SIGKILL")
+    # ... and comes first even when other ranks wrote error files on losing it
+    killed_rank_0 = ROOT_CAUSE_KILLED.replace("rank      : 1", "rank      : 0")
+    assert first_failure(run, killed_rank_0, since=0) == Failure(0, "SIGKILL")
+
+
+def test_a_rank_that_lost_its_peer_is_not_the_first_failure(tmp_path: Path) -> None:
+    """Rank 0 exits without an error file (os._exit mid-save); rank 1 then fails in a barrier
+    on the closed connection: torchrun's report (rank 0, exit code 1) names the cause."""
+    run = RunDir(tmp_path)
+    run.logs.mkdir()
+    run.rank_error(1).write_text(
+        "Traceback (most recent call last):\n    work.wait()\nRuntimeError: [pair.cc:553] "
+        "Connection closed by peer [127.0.0.1]:41680. This is typically caused by a remote "
+        "worker crashing.\n"
+    )
+    exited_rank_0 = ROOT_CAUSE_KILLED.replace("rank      : 1", "rank      : 0").replace(
+        "-9 (pid: 4242)  (SIGKILL)", "1 (pid: 4242)"
+    )
+    assert first_failure(run, exited_rank_0, since=0) == Failure(0)
+    assert first_failure(run, "", since=0) == Failure(1)  # nothing better is known
+    run.rank_error(0).write_text("ValueError: bad row\n")  # a real error beats a lost peer
+    os.utime(run.rank_error(0), (time.time() + 5, time.time() + 5))
+    assert first_failure(run, "", since=0) == Failure(0)
+
+
+def test_failure_message_names_the_first_failing_rank_and_its_node(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    run.logs.mkdir()
+    assert failure_message(run, Failure(None), "") is None
+    run.rank_log(1).write_text(
         "2026-11-22 10:00:00 rank1 INFO launcher.preflight: pre-flight ok: 2 ranks, gloo, "
         "0.1s (node n2, rank 1)\n"
         "2026-11-22 10:00:05 rank1 ERROR launcher.train: training failed on rank 1: boom\n"
@@ -266,23 +318,20 @@ def test_failure_message_names_the_first_failing_rank_and_its_node(tmp_path: Pat
         '  File "train.py", line 1, in train\n'
         "ValueError: boom\n"
     )
-    (logs / "rank1.error").write_text("")
-    os.utime(logs / "rank1.error", (100, 100))
-    (logs / "rank0.error").write_text("")  # a later failure: the peer that lost rank 1
-    os.utime(logs / "rank0.error", (200, 200))
     assert (
-        failure_message(tmp_path, since=50)
+        failure_message(run, Failure(1), "")
         == "training failed on node n2 (rank 1): ValueError: boom"
     )
-    assert failure_message(tmp_path, since=300) is None  # errors from an earlier attempt
     # a pre-flight failure: no ok line; its message names the node
-    (logs / "rank1.log").write_text(
+    run.rank_log(1).write_text(
         "training failed on rank 1: pre-flight\nRuntimeError: pre-flight: all-reduce did not "
         "finish within 60s on node n2 (rank 1 of 2, gloo)\n"
     )
-    message = failure_message(tmp_path, since=50)
+    message = failure_message(run, Failure(1), "")
     assert message is not None and message.startswith("training failed (rank 1): RuntimeError")
     assert "on node n2" in message
+    killed = failure_message(run, Failure(1, "SIGKILL"), "")
+    assert killed is not None and "rank 1 was killed by SIGKILL" in killed
 
 
 def test_checkpoint_decides_requeue_completion_and_the_bound(tmp_path: Path) -> None:
@@ -293,7 +342,7 @@ def test_checkpoint_decides_requeue_completion_and_the_bound(tmp_path: Path) -> 
     from submitit.helpers import DelayedSubmission
 
     def task_after(code: int, *, saved: bool, requeues: int = 0) -> NodeTask:
-        task = NodeTask(str(tmp_path), max_requeues=2, save_timeout_s=5)
+        task = NodeTask(str(tmp_path), launch=[], env={}, max_requeues=2, save_timeout_s=5)
         task.requeues = requeues
         task._proc = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
         task._proc.wait()
@@ -312,3 +361,68 @@ def test_checkpoint_decides_requeue_completion_and_the_bound(tmp_path: Path) -> 
     assert isinstance(stopped.checkpoint(), DelayedSubmission) and stopped.requeues == 2
     with pytest.raises(RuntimeError, match="max_requeues=2"):
         task_after(0, saved=True, requeues=2).checkpoint()
+
+
+# --------------------------------------------------------------------------------------------
+# One choice of backend; the dry run prints the request the run submits
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+FAKE_SBATCH = """#!/bin/sh
+# a stand-in sbatch: keeps the script it is given, answers as sbatch does
+/bin/cp "$1" "{keep}"
+echo "Submitted batch job 4242"
+"""
+
+
+def _path_with(monkeypatch: pytest.MonkeyPatch, bin_dir: Path, **tools: str) -> None:
+    """PATH = bin_dir (holding `tools`) and the interpreter's folder: no real SLURM command."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in tools.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{Path(sys.executable).parent}")
+
+
+def _tune(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from launcher.cli import main
+
+    code = main(["run", str(QUICKSTART), "--stages", "train", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_auto_on_two_nodes_without_sbatch_refuses_the_dry_run_and_the_run_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _path_with(monkeypatch, tmp_path / "bin")
+    run = tmp_path / "run"
+    dry = _tune(capsys, "--nodes", "2", "--run-dir", str(run), "--dry-run")
+    real = _tune(capsys, "--nodes", "2", "--run-dir", str(run))
+    for code, _out, err in (dry, real):
+        assert code == 2, err
+        assert "resources.backend" in err and "sbatch is not on PATH" in err, err
+        assert "--nodes 1" in err, err  # the fix
+    assert dry[2] == real[2]
+    assert not run.exists()  # refused before anything was written
+
+
+def test_auto_on_two_nodes_submits_to_slurm_the_request_the_dry_run_prints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kept = tmp_path / "sbatch_got.sh"
+    fake = FAKE_SBATCH.format(keep=kept)
+    _path_with(monkeypatch, tmp_path / "bin", sbatch=fake, srun="#!/bin/sh\nexit 0\n")
+    run = tmp_path / "run"
+    argv = ("--nodes", "2", "--gpus-per-node", "1", "--run-dir", str(run))
+    code, dry, err = _tune(capsys, *argv, "--dry-run")
+    assert code == 0, err
+    assert dry.startswith("--- sbatch script"), dry[:200]
+    code, out, err = _tune(capsys, *argv)
+    assert code == 0, err
+    assert "submitted SLURM job 4242" in out
+    recorded = RunDir(run).request_file.read_text()
+    assert dry.startswith(recorded + "\nplan "), (recorded, dry)  # the request, then the plan
+    script = dry.split("--- sbatch script", 1)[1].split("\n", 1)[1].split("\n\n--- ")[0]
+    assert kept.read_text().rstrip() == script  # what sbatch got is what the dry run showed
+    record = json.loads(RunDir(run).job_file.read_text())
+    assert (record["backend"], record["job_id"]) == ("slurm", "4242")

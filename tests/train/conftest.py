@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from launcher.rundir import RunDir
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_PY = REPO / ".venv" / "bin" / "python"
 PYTHON = str(VENV_PY if VENV_PY.exists() else Path(sys.executable))
@@ -59,8 +61,7 @@ def explain(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return RunDir(run_dir).metrics()
 
 
 def train_losses(run_dir: Path) -> list[float]:

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from launcher.rundir import RunDir
+
 from .conftest import explain, run_cli
 
 
@@ -20,7 +22,7 @@ def test_broken_rows_fail_before_launch_with_row_numbers(tmp_path: Path) -> None
     assert "broken.jsonl:2: malformed JSON" in result.stderr
     assert "broken.jsonl:3: empty 'output'" in result.stderr
     assert "2 invalid row(s) of 3" in result.stderr
-    assert not (tmp_path / "run" / "logs" / "rank0.log").exists()  # no process started
+    assert not RunDir(tmp_path / "run").rank_log(0).exists()  # no process started
     assert time.monotonic() - started < 60
 
     missing = run_cli(tmp_path / "run2", f"data.train={tmp_path / 'nope.jsonl'}")

@@ -1,7 +1,7 @@
 """The SFT loss tune-launch trains on (transformers' Trainer.compute_loss: the model's own
 cross-entropy on the labels TRL's collator built) is the loss TRL's SFTTrainer would have
 computed with its fused LM head, on the same batches: with and without completion-only loss.
-launcher/callbacks.py takes the former because it is ~30% faster per step (docs/benchmarks.md).
+launcher/train/callbacks.py takes the former because it is ~30% faster per step (docs/benchmarks.md).
 
 In-process, one process, a tiny Llama and the quickstart data.
 """
@@ -29,6 +29,7 @@ def test_model_loss_equals_trl_fused_loss(tmp_path: Path, completion_only: bool)
 
     from launcher.config.recipe import DataConfig
     from launcher.data.formats import get_format
+    from launcher.rundir import RunDir
     from launcher.tiny import write_tiny
     from launcher.train import callbacks
 
@@ -48,7 +49,7 @@ def test_model_loss_equals_trl_fused_loss(tmp_path: Path, completion_only: bool)
         use_cpu=True,
     )
     hooks = callbacks.RunHooks(
-        run_dir=tmp_path, nan_policy="stop", keep_last=1, rank=0, model_loss=True
+        run=RunDir(tmp_path), nan_policy="stop", keep_last=1, rank=0, model_loss=True
     )
     trainer = callbacks.trainer_class(SFTTrainer, hooks)(
         model=model, args=args, train_dataset=train, processing_class=tokenizer

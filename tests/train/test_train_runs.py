@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from launcher.rundir import RunDir
+
 from .conftest import QUICKSTART, SHORT, cli_env, explain, metrics, run_cli, tensors, train_losses
 
 pytestmark = pytest.mark.train
@@ -73,36 +75,36 @@ def test_lora_zero2_quickstart_trains(quickstart_run: Path) -> None:
     first = metrics(quickstart_run)[1]
     for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "epoch", "time"):
         assert first.get(key) is not None, (key, first)
-    assert list((quickstart_run / "tb").rglob("events.out.tfevents.*"))
+    run = RunDir(quickstart_run)
+    assert list(run.tensorboard.rglob("events.out.tfevents.*"))
     # tokens are counted over both ranks: 16 examples a step x their mean length
     last = [m for m in metrics(quickstart_run) if m.get("num_input_tokens_seen")][-1]
-    expected = last["step"] * 16 * mean_example_tokens(quickstart_run / "final")
+    expected = last["step"] * 16 * mean_example_tokens(run.final)
     assert 0.9 * expected <= last["num_input_tokens_seen"] <= 1.1 * expected, (last, expected)
-    assert not (quickstart_run / "data_cache").exists()  # removed once training completed
+    assert not run.data_cache.exists()  # removed once training completed
     for rank in (0, 1):
-        assert (quickstart_run / "logs" / f"rank{rank}.log").stat().st_size > 0
-    ckpts = sorted(p.name for p in (quickstart_run / "checkpoints").glob("checkpoint-*"))
-    assert ckpts == ["checkpoint-10", "checkpoint-20"]
-    assert all((quickstart_run / "checkpoints" / c / "COMPLETE").is_file() for c in ckpts)
-    final = quickstart_run / "final"
-    assert (final / "COMPLETE").is_file() and (final / "adapter_config.json").is_file()
-    assert json.loads((quickstart_run / "job.json").read_text())["state"] == "COMPLETED"
+        assert run.rank_log(rank).stat().st_size > 0
+    ckpts = run.list_checkpoints()
+    assert [c.step for c in ckpts] == [10, 20] and all(c.complete for c in ckpts)
+    assert run.is_complete(run.final) and (run.final / "adapter_config.json").is_file()
+    assert json.loads(run.job_file.read_text())["state"] == "COMPLETED"
 
 
 def test_chat_template_and_eos_saved_are_those_used_in_training(quickstart_run: Path) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
-    used = AutoTokenizer.from_pretrained(quickstart_run / "base")  # the recipe sets no template
-    saved = AutoTokenizer.from_pretrained(quickstart_run / "final")
-    contract = json.loads((quickstart_run / "final" / "train_contract.json").read_text())
+    run = RunDir(quickstart_run)
+    used = AutoTokenizer.from_pretrained(run.base)  # the recipe sets no template
+    saved = AutoTokenizer.from_pretrained(run.final)
+    contract = json.loads(RunDir.contract_file(run.final).read_text())
     assert saved.chat_template == used.chat_template == contract["chat_template"]
     assert saved.eos_token == used.eos_token == "<|end|>"
     assert contract["eos_token_id"] == used.eos_token_id == saved.eos_token_id
-    generation = GenerationConfig.from_pretrained(quickstart_run / "final")
+    generation = GenerationConfig.from_pretrained(run.final)
     assert used.eos_token_id in generation.eos_token_id
     assert contract["eos_token_ids"] == generation.eos_token_id
     assert contract["pad_token_id"] == saved.pad_token_id != saved.eos_token_id
-    checkpoint_contract = quickstart_run / "checkpoints" / "checkpoint-20" / "train_contract.json"
+    checkpoint_contract = RunDir.contract_file(run.checkpoint(20))
     assert json.loads(checkpoint_contract.read_text()) == contract
 
 
@@ -112,26 +114,26 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_resumable(
     """Rank 0 dies while writing checkpoint 20; the same command started again resumes from
     checkpoint 10 and ends with the adapter of the uninterrupted quickstart run."""
     run_dir = tmp_path / "run"
+    run = RunDir(run_dir)
     started = time.monotonic()
     crashed = run_cli(run_dir, *SHORT, env=cli_env(TUNE_LAUNCH_FAULT="crash_in_save:20"))
     # rank 0 died mid-save while rank 1 waited in a collective: torchrun stopped it at once
     assert crashed.returncode == 1, explain(crashed)
     assert time.monotonic() - started < 240
     assert "rank 0 failed" in crashed.stderr and "fault injection" in crashed.stderr
-    ckpts = run_dir / "checkpoints"
-    assert (ckpts / "checkpoint-10" / "COMPLETE").is_file()
-    assert not (ckpts / "checkpoint-20").exists()
-    assert (ckpts / ".staging" / "checkpoint-20").is_dir()  # the partial save, never published
-    assert not (run_dir / "final").exists()
+    assert run.is_complete(run.checkpoint(10))
+    assert not run.checkpoint(20).exists()
+    assert (run.staging / "checkpoint-20").is_dir()  # the partial save, never published
+    assert not run.final.exists()
 
     again = run_cli(run_dir, *SHORT)  # the same command, in the same run directory
     assert_ok(again)
     assert "removed incomplete checkpoint" in again.stderr
     assert "resuming from" in again.stderr and "checkpoint-10 (step 10)" in again.stderr
-    assert not (ckpts / ".staging").exists()
+    assert not run.staging.exists()
     same_tensors(
-        tensors(quickstart_run / "final" / "adapter_model.safetensors"),
-        tensors(run_dir / "final" / "adapter_model.safetensors"),
+        tensors(RunDir(quickstart_run).final / "adapter_model.safetensors"),
+        tensors(run.final / "adapter_model.safetensors"),
         RESUME_ATOL,
     )
 
@@ -159,16 +161,15 @@ def test_full_finetune_zero3_restarts_and_consolidates_into_safetensors_shards(
     assert_ok(result)
     assert "restarting from the last complete checkpoint (restart 1 of 1)" in result.stderr
     assert "checkpoint-3 (step 3)" in result.stderr
-    assert json.loads((run_dir / "job.json").read_text())["extra"]["attempt"] == 2
-    step3 = run_dir / "checkpoints" / "checkpoint-3"
-    shards = sorted(p.name for p in (step3 / "global_step3").iterdir())
+    run = RunDir(run_dir)
+    assert json.loads(run.job_file.read_text())["extra"]["attempt"] == 2
+    shards = sorted(p.name for p in (run.checkpoint(3) / "global_step3").iterdir())
     assert "zero_pp_rank_0_mp_rank_00_model_states.pt" in shards
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards
-    final = run_dir / "final"
-    assert (final / "model.safetensors.index.json").is_file()
-    assert len(list(final.glob("model-*-of-*.safetensors"))) >= 2
-    trained = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(run_dir / "base", dtype=torch.float32)
+    assert (run.final / "model.safetensors.index.json").is_file()
+    assert len(list(run.final.glob("model-*-of-*.safetensors"))) >= 2
+    trained = AutoModelForCausalLM.from_pretrained(run.final, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(run.base, dtype=torch.float32)
     trained_sd, base_sd = trained.state_dict(), base.state_dict()
     assert trained_sd.keys() == base_sd.keys()
     changed = [k for k in base_sd if not torch.equal(trained_sd[k], base_sd[k])]
@@ -190,14 +191,13 @@ def test_qlora_zero3_paged_adamw_8bit_gradient_checkpointing(tmp_path: Path) -> 
         "train.save_steps=4",
     )
     assert_ok(result)
-    args = torch.load(
-        run_dir / "checkpoints" / "checkpoint-4" / "training_args.bin", weights_only=False
-    )
+    run = RunDir(run_dir)
+    args = torch.load(run.checkpoint(4) / "training_args.bin", weights_only=False)
     assert (
         str(args.optim.value if hasattr(args.optim, "value") else args.optim) == "paged_adamw_8bit"
     )
     assert args.gradient_checkpointing
-    adapter = tensors(run_dir / "final" / "adapter_model.safetensors")
+    adapter = tensors(run.final / "adapter_model.safetensors")
     assert adapter and all(t.numel() > 0 for t in adapter.values())
     lora_b = [t for k, t in adapter.items() if "lora_B" in k]
     assert lora_b and any(float(t.abs().max()) > 0 for t in lora_b)  # B starts at zero
@@ -235,8 +235,9 @@ def test_dpo_on_preferences_with_the_recipe_chat_template(
     assert_ok(run_cli(run_dir, recipe=path))
     logged = metrics(run_dir)
     assert any("rewards/margins" in m or "eval_rewards/margins" in m for m in logged)
-    assert len(tensors(run_dir / "final" / "adapter_model.safetensors")) > 0
-    contract = json.loads((run_dir / "final" / "train_contract.json").read_text())
+    final = RunDir(run_dir).final
+    assert len(tensors(final / "adapter_model.safetensors")) > 0
+    contract = json.loads(RunDir.contract_file(final).read_text())
     assert contract["chat_template"] == TEMPLATE
 
 
@@ -261,11 +262,12 @@ def test_classification_distilbert_lora_reports_accuracy_and_f1(
         "train.warmup_ratio=0",
     )
     assert_ok(result)
-    scores = json.loads((run_dir / "eval_classification.json").read_text())
+    run = RunDir(run_dir)
+    scores = json.loads(run.classification_eval_file.read_text())
     assert 0 <= scores["eval_f1"] <= 1
     # "the <thing> was <good|bad word>" is learned within 40 steps
     assert scores["eval_accuracy"] >= 0.75, scores
-    adapter = tensors(run_dir / "final" / "adapter_model.safetensors")
+    adapter = tensors(run.final / "adapter_model.safetensors")
     assert any("classifier" in k for k in adapter)  # the head travels with the adapter
     assert any("eval_accuracy" in m for m in metrics(run_dir))
 
@@ -277,5 +279,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert result.returncode == 1, explain(result)
     assert "non-finite loss (nan) at step 8" in result.stderr
     assert "checkpoint-5" in result.stderr and "learning_rate" in result.stderr
-    assert (run_dir / "checkpoints" / "checkpoint-5" / "COMPLETE").is_file()
-    assert not (run_dir / "final").exists()
+    run = RunDir(run_dir)
+    assert run.is_complete(run.checkpoint(5))
+    assert not run.final.exists()

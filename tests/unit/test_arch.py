@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from launcher.config.arch import BUILTIN, TINY, ModelShape
+from launcher.config.memory import estimate
+from tests.unit.test_memory import LLAMA8B_LORA
 
 
-def _real_counts(shape: ModelShape, r: int) -> tuple[int, int]:
+def _real_counts(
+    shape: ModelShape, r: int, modules_to_save: list[str] | None = None
+) -> tuple[int, int]:
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
@@ -18,7 +24,8 @@ def _real_counts(shape: ModelShape, r: int) -> tuple[int, int]:
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
-    peft_model = get_peft_model(model, LoraConfig(r=r, target_modules="all-linear"))
+    lora = LoraConfig(r=r, target_modules="all-linear", modules_to_save=modules_to_save)
+    peft_model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     return total, trainable
 
@@ -29,3 +36,11 @@ def test_counts_equal_real_model(key: str) -> None:
     total, trainable = _real_counts(shape, r=8)
     assert shape.total_params() == total
     assert shape.lora_params(8, "all-linear") == trainable
+
+
+@pytest.mark.parametrize("saved", [["lm_head"], ["embed_tokens", "lm_head"]])
+def test_memory_counts_modules_to_save_as_peft_trains_them(saved: list[str]) -> None:
+    shape = TINY["llama"]
+    _, trainable = _real_counts(shape, r=8, modules_to_save=saved)
+    inputs = replace(LLAMA8B_LORA, shape=shape, lora_r=8, modules_to_save=tuple(saved))
+    assert estimate(inputs)["trainable_params"] == trainable

@@ -12,7 +12,11 @@ from launcher.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
-CASES = {"quickstart": ["--set", "resources.cpus_per_node=2"], "llama70b_qlora": ["--nodes", "2"]}
+CASES = {
+    "quickstart": ["--set", "resources.cpus_per_node=2"],
+    # two nodes are a SLURM job: prepared as one even on a host without sbatch
+    "llama70b_qlora": ["--nodes", "2", "--backend", "slurm"],
+}
 
 
 def _normalise(text: str, run_dir: Path) -> str:

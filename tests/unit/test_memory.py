@@ -2,35 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from launcher.config.arch import BUILTIN
 from launcher.config.memory import GIB, MemoryInputs, estimate
 
+LLAMA8B_LORA = MemoryInputs(
+    shape=BUILTIN["llama3.1-8b"],
+    method="lora",
+    dtype="bf16",
+    precision="bf16",
+    lora_r=16,
+    lora_targets="all-linear",
+    optimizer="adamw_torch",
+    strategy="ddp",
+    world_size=8,
+    gpus_per_node=8,
+    micro_batch_size=2,
+    seq_len=2048,
+    gradient_checkpointing=True,
+    offload_optimizer=False,
+    offload_params=False,
+    double_quant=True,
+    on_gpu=True,
+    merge_shard_gb=5.0,
+)
+
 
 def test_llama8b_lora_ddp_by_hand() -> None:
-    shape = BUILTIN["llama3.1-8b"]
-    m = MemoryInputs(
-        shape=shape,
-        method="lora",
-        dtype="bf16",
-        precision="bf16",
-        lora_r=16,
-        lora_targets="all-linear",
-        optimizer="adamw_torch",
-        strategy="ddp",
-        world_size=8,
-        gpus_per_node=8,
-        micro_batch_size=2,
-        seq_len=2048,
-        gradient_checkpointing=True,
-        offload_optimizer=False,
-        offload_params=False,
-        double_quant=True,
-        on_gpu=True,
-        merge_shard_gb=5.0,
-    )
-    est = estimate(m)
+    est = estimate(LLAMA8B_LORA)
     # parameters of Llama 3.1 8B: 8,030,261,248 (the published count)
     assert est["params"] == 8_030_261_248
     # LoRA r=16 on q,k,v,o,gate,up,down of 32 layers:
@@ -49,26 +51,17 @@ def test_llama8b_lora_ddp_by_hand() -> None:
 
 def test_zero3_qlora_shards_weights_over_world() -> None:
     shape = BUILTIN["llama3.1-70b"]
-    common = dict(
+    qlora = replace(
+        LLAMA8B_LORA,
         shape=shape,
         method="qlora",
-        dtype="bf16",
-        precision="bf16",
         lora_r=64,
-        lora_targets="all-linear",
         optimizer="paged_adamw_8bit",
-        gpus_per_node=8,
         micro_batch_size=1,
         seq_len=4096,
-        gradient_checkpointing=True,
-        offload_optimizer=False,
-        offload_params=False,
-        double_quant=True,
-        on_gpu=True,
-        merge_shard_gb=5.0,
     )
-    one = estimate(MemoryInputs(strategy="ddp", world_size=1, **common))  # type: ignore[arg-type]
-    z3 = estimate(MemoryInputs(strategy="zero3", world_size=16, **common))  # type: ignore[arg-type]
+    one = estimate(replace(qlora, strategy="ddp", world_size=1))
+    z3 = estimate(replace(qlora, strategy="zero3", world_size=16))
     assert z3["breakdown_gib"]["weights"] == pytest.approx(
         one["breakdown_gib"]["weights"] / 16, rel=1e-3
     )
@@ -78,6 +71,6 @@ def test_zero3_qlora_shards_weights_over_world() -> None:
     assert one["weight_bytes"] == int(expected)
     # checkpointing cuts activations
     no_ckpt = estimate(
-        MemoryInputs(strategy="zero3", world_size=16, **{**common, "gradient_checkpointing": False})
-    )  # type: ignore[arg-type]
+        replace(qlora, strategy="zero3", world_size=16, gradient_checkpointing=False)
+    )
     assert no_ckpt["breakdown_gib"]["activations"] > 5 * z3["breakdown_gib"]["activations"]

@@ -1,0 +1,335 @@
+"""The recipe's schema: one closed, typed pydantic model per section.
+
+`extra="forbid"` everywhere, each field documented where it is defined; defaults live here and
+nowhere else. Loading a file (overrides, error messages, local paths) is `recipe.py`;
+cross-section rules (batch divisibility, QLoRA under ZeRO-3, ...) are `rules.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+SECRET_DEFAULTS = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        description="Hub id, local directory, or `tiny:<arch>` (a tiny random model of that "
+        "architecture, built into the run directory; for smoke runs and the CPU quickstart)."
+    )
+    architecture: str | None = Field(
+        None,
+        description="Architecture key of the built-in shape table (e.g. llama3.1-70b) used by "
+        "the memory planner when config.json is not available offline, and by --smoke.",
+    )
+    dtype: Dtype = Field("bf16", description="Dtype the weights are loaded in.")
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own Python code. Off unless you trust it."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel passed to from_pretrained."
+    )
+    task: Literal["causal_lm", "sequence_classification"] = Field(
+        "causal_lm",
+        description="causal_lm for SFT/DPO/continued pretraining; "
+        "sequence_classification for label prediction with an encoder.",
+    )
+    num_labels: int | None = Field(
+        None, ge=2, description="Number of classes (sequence_classification only)."
+    )
+
+
+class QuantConfig(Section):
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bitsandbytes).")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    compute_dtype: Dtype | None = Field(
+        None, description="Dtype of the 4-bit matmuls; default: model.dtype."
+    )
+    quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] | None = Field(
+        None,
+        description="Storage dtype of packed 4-bit weights. Default: the compute dtype under "
+        "ZeRO-3/FSDP (required there so shards flatten together), uint8 otherwise.",
+    )
+
+
+class MethodConfig(Section):
+    kind: Literal["full", "lora", "qlora"] = Field(
+        "lora",
+        description="full: train every weight; lora: low-rank adapters; qlora: adapters "
+        "on a 4-bit base.",
+    )
+    r: int = Field(16, gt=0, le=4096, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear."
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (e.g. a classifier head).",
+    )
+    quant: QuantConfig = Field(default_factory=QuantConfig, description="QLoRA 4-bit settings.")
+
+
+class DataConfig(Section):
+    train: str = Field(description="Local jsonl/json/csv/parquet file, or a hub dataset id.")
+    validation: str | None = Field(
+        None, description="Validation source; default: a split of train."
+    )
+    format: Literal["alpaca", "messages", "text", "preference", "classification"] = Field(
+        "alpaca",
+        description="alpaca: instruction/input/output; messages: OpenAI-style chat; text: raw "
+        "text (continued pretraining); preference: prompt/chosen/rejected (DPO); "
+        "classification: text + label columns.",
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template; default: the tokenizer's own."
+    )
+    max_seq_len: int = Field(2048, gt=0, le=1_048_576, description="Tokens per example.")
+    packing: bool = Field(False, description="Pack several examples into one sequence.")
+    val_split: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of train held out for validation (no validation file).",
+    )
+    seed: int = Field(42, description="Seed of the train/validation split.")
+    completion_only_loss: bool = Field(
+        True, description="Loss only on completion tokens for instruction/chat data."
+    )
+    invalid_rows: Literal["drop", "error"] = Field(
+        "error", description="Invalid rows: drop them with a warning, or stop with an error."
+    )
+    text_column: str = Field("text", description="Text column (text/classification formats).")
+    label_column: str = Field("label", description="Label column (classification format).")
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored with max_steps).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    micro_batch_size: int = Field(1, gt=0, description="Examples per process per forward pass.")
+    global_batch_size: int = Field(
+        8,
+        gt=0,
+        description="Examples per optimizer step over all processes; gradient "
+        "accumulation is derived from it.",
+    )
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps for warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Literal[
+        "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor"
+    ] = Field("adamw_torch", description="Optimizer by name (transformers' names).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations (non-reentrant)."
+    )
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="Mixed-precision mode of training."
+    )
+    seed: int = Field(42, description="Seed of weights init (adapters), dropout and data order.")
+    save_steps: int = Field(100, gt=0, description="Checkpoint every N optimizer steps.")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Evaluate every N steps; default save_steps."
+    )
+    logging_steps: int = Field(10, gt=0, description="Log metrics every N steps.")
+    keep_last: int = Field(2, ge=1, description="Complete checkpoints kept on disk.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after N evaluations without a better validation loss."
+    )
+    dpo_beta: float = Field(0.1, gt=0, description="DPO beta (preference format).")
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop", description="Non-finite loss: stop the run, or skip the step."
+    )
+    restarts: int = Field(0, ge=0, le=100, description="Local restarts after a rank dies.")
+    min_free_disk: Literal["refuse", "warn"] = Field(
+        "refuse", description="When free disk is below the planned checkpoint size."
+    )
+
+
+class DistributedConfig(Section):
+    strategy: Literal["ddp", "zero2", "zero3", "fsdp"] = Field(
+        "ddp",
+        description="Data parallelism: DDP, DeepSpeed ZeRO-2/3, or FSDP (GPU clusters; it wraps "
+        "each transformer block, so the model's architecture must be known).",
+    )
+    offload_optimizer: bool = Field(False, description="ZeRO: optimizer states in host RAM.")
+    offload_params: bool = Field(False, description="ZeRO-3: parameters in host RAM.")
+    launcher: Literal["torchrun", "accelerate"] = Field(
+        "torchrun", description="Per-node process launcher."
+    )
+    nccl_timeout_s: int = Field(1800, gt=0, description="Collective timeout (seconds).")
+    nccl_socket_ifname: str | None = Field(
+        None, description="NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME."
+    )
+    nccl_ib_disable: bool | None = Field(None, description="Set NCCL_IB_DISABLE.")
+    preflight_timeout_s: int = Field(
+        60, gt=0, description="Pre-flight all-reduce must finish within this many seconds."
+    )
+
+
+_TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$|^\d+$")
+
+
+def time_minutes(text: str) -> int:
+    """A time limit ([D-]HH:MM:SS or minutes, SLURM's formats) as whole minutes, rounded up."""
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    days, _, hms = text.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return (int(days or 0) * 24 + h) * 60 + m + math.ceil(s / 60)
+
+
+class ResourcesConfig(Section):
+    nodes: int = Field(1, gt=0, le=4096, description="Nodes.")
+    gpus_per_node: int = Field(
+        1,
+        gt=0,
+        le=64,
+        description="GPUs per node (processes per node; on CPU clusters, processes on gloo).",
+    )
+    accelerator: Literal["gpu", "cpu"] = Field("gpu", description="gpu (NCCL) or cpu (gloo).")
+    gpu_type: str | None = Field(None, description="GPU type for the gres request (e.g. h100).")
+    gpu_memory_gib: float = Field(80.0, gt=0, description="Memory of one GPU, for the planner.")
+    cpus_per_node: int | None = Field(None, gt=0, description="CPUs per node (per task).")
+    mem_per_node_gib: int | None = Field(None, gt=0, description="Host memory per node.")
+    time: str = Field("24:00:00", description="Time limit, [D-]HH:MM:SS or minutes.")
+    partition: str | None = Field(None, description="SLURM partition.")
+    account: str | None = Field(None, description="SLURM account.")
+    qos: str | None = Field(None, description="SLURM QOS.")
+    constraint: str | None = Field(None, description="SLURM constraint.")
+    exclusive: bool = Field(False, description="Whole nodes.")
+    sbatch_extra: dict[str, str | int | bool] = Field(
+        default_factory=dict,
+        description="Extra sbatch directives, e.g. {mail-type: END} -> #SBATCH --mail-type=END.",
+    )
+    signal_lead_s: int = Field(
+        120, ge=10, description="Seconds before the time limit that the job is told to save."
+    )
+    max_requeues: int = Field(3, ge=0, le=100, description="Requeues after preemption/timeout.")
+    backend: Literal["auto", "local", "slurm"] = Field(
+        "auto", description="auto: slurm when sbatch is on PATH and nodes > 1, else local."
+    )
+
+    @field_validator("time")
+    @classmethod
+    def _time_format(cls, value: str) -> str:
+        if not _TIME.match(value):
+            raise ValueError("time must look like HH:MM:SS, D-HH:MM:SS or minutes")
+        return value
+
+
+class MergeConfig(Section):
+    enabled: bool = Field(True, description="Merge adapters into the base after training.")
+    shard_size_gb: float = Field(5.0, gt=0, description="Max size of a merged safetensors shard.")
+    nf4_roundtrip: bool = Field(
+        False, description="QLoRA: pass the base through NF4 quantize/dequantize before merging."
+    )
+    verify_tolerance: float = Field(
+        1e-3, gt=0, description="Max |logits| difference merged vs base+adapter."
+    )
+
+
+class ServeConfig(Section):
+    enabled: bool = Field(
+        False,
+        description="Serve the result: the eval stage starts vLLM on it (required by "
+        "eval.enabled); without eval, the run ends by printing the `tune-launch serve RUN_DIR` "
+        "command.",
+    )
+    engine: Literal["vllm", "vllm-cpu"] = Field(
+        "vllm", description="vllm on GPU hosts, vllm-cpu on CPU hosts."
+    )
+    mode: Literal["merged", "lora"] = Field(
+        "merged",
+        description="Serve the merged model, or the base with the adapter as a LoRA module.",
+    )
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=0, lt=65536, description="Port (0: pick a free one).")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key.")
+    max_model_len: int | None = Field(None, gt=0, description="Default: data.max_seq_len.")
+    tensor_parallel_size: int | None = Field(None, gt=0, description="Default: chosen from size.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM memory fraction.")
+    health_timeout_s: int = Field(300, gt=0, description="Seconds to wait for /health.")
+    extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments.")
+
+
+class EvalConfig(Section):
+    enabled: bool = Field(False, description="Evaluate the served model after training.")
+    data: str | None = Field(None, description="Eval file; default: the validation split.")
+    max_examples: int = Field(200, gt=0, description="Examples evaluated.")
+    concurrency: int = Field(8, gt=0, le=256, description="Requests in flight.")
+    max_tokens: int = Field(32, gt=0, description="Generation budget per example.")
+    few_shot: int = Field(3, ge=0, description="Examples in the base few-shot baseline.")
+    compare_base: bool = Field(True, description="Also score the base model (and few-shot).")
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks, when lm-eval is installed."
+    )
+
+
+class Recipe(Section):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+        description="Run name: letters, digits, _ . - (used in paths and job names).",
+    )
+    run_dir: str | None = Field(None, description="Run directory; default runs/<name>.")
+    model: ModelConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    env: dict[str, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict,
+        description="Plain environment variables for every rank (values up to 4096 characters).",
+    )
+    secrets: list[str] = Field(
+        default_factory=lambda: list(SECRET_DEFAULTS),
+        description="Environment variables passed to the job from the submitting shell, never "
+        "written to plans, scripts or logs.",
+    )
+
+    @field_validator("secrets")
+    @classmethod
+    def _env_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        return value
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults that span sections (resolved once; the plan exposes them as properties)
+
+
+def quant_compute_dtype(recipe: Recipe) -> str | None:
+    """QLoRA's 4-bit matmul dtype: method.quant.compute_dtype, default model.dtype."""
+    if recipe.method.kind != "qlora":
+        return None
+    return recipe.method.quant.compute_dtype or recipe.model.dtype
+
+
+def quant_storage(recipe: Recipe) -> str | None:
+    """QLoRA's storage dtype of packed 4-bit weights: the compute dtype under ZeRO-3/FSDP
+    (shards of one dtype flatten together; rules.py refuses another), else the recipe's,
+    default uint8."""
+    if recipe.method.kind != "qlora":
+        return None
+    if recipe.distributed.strategy in ("zero3", "fsdp"):
+        return quant_compute_dtype(recipe)
+    return recipe.method.quant.quant_storage or "uint8"

@@ -1,0 +1,91 @@
+"""The trainer that trains the data format (launcher/data/formats.py `.trainer`): TRL's
+SFTTrainer or DPOTrainer, or transformers' Trainer for a classifier, each subclassed by
+launcher/train/callbacks.py (atomic checkpoints, the NaN policy, the token count).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from launcher.config.plan import Plan
+from launcher.data.formats import get_format
+from launcher.train import callbacks
+from launcher.train import model as modeling
+from launcher.train.data import RankData, tokenized
+
+
+def build_trainer(
+    plan: Plan,
+    net: Any,
+    lora: Any,
+    args: Any,
+    data: RankData,
+    tokenizer: Any,
+    hooks: callbacks.RunHooks,
+    extra_callbacks: list[Any],
+) -> Any:
+    """The format's trainer over the model, with the PEFT config applied right after
+    set_seed(seed): the same adapter on every rank."""
+    kind = get_format(plan.recipe.data.format).trainer
+    parts: dict[str, Any] = {
+        "model": net,
+        "args": args,
+        "train_dataset": data.train,
+        "eval_dataset": data.validation,
+        "processing_class": tokenizer,
+        "callbacks": extra_callbacks,
+    }
+    if kind == "classification":
+        import transformers
+
+        base: type = transformers.Trainer
+        parts |= classifier_parts(plan, net, lora, data, tokenizer)
+    else:
+        from trl import DPOTrainer, SFTTrainer
+
+        base = DPOTrainer if kind == "dpo" else SFTTrainer
+        parts["peft_config"] = lora  # TRL applies it right after set_seed(args.seed)
+    trainer = callbacks.trainer_class(base, hooks)(**parts)
+    if kind == "classification":
+        # PeftModel.forward takes **kwargs, so the Trainer would believe the classifier
+        # normalises its loss by num_items_in_batch; it does not (loss x accumulation x world)
+        trainer.model_accepts_loss_kwargs = False
+    return trainer
+
+
+def classifier_parts(
+    plan: Plan, net: Any, lora: Any, data: RankData, tokenizer: Any
+) -> dict[str, Any]:
+    """What transformers' Trainer needs beyond TRL's: the PEFT model, tokenized text padded
+    per batch, and accuracy / F1 as the validation metrics."""
+    import transformers
+
+    recipe = plan.recipe
+    net = modeling.wrap_peft(net, lora, recipe.train.seed)
+    if recipe.train.gradient_checkpointing and lora is not None:
+        net.enable_input_require_grads()
+    max_len = recipe.data.max_seq_len
+    return {
+        "model": net,
+        "train_dataset": tokenized(data.train, tokenizer, max_len),
+        "eval_dataset": tokenized(data.validation, tokenizer, max_len),
+        "data_collator": transformers.DataCollatorWithPadding(tokenizer),
+        "compute_metrics": classification_metrics,
+    }
+
+
+def classification_metrics(prediction: Any) -> dict[str, float]:
+    """Accuracy and macro F1 on the validation set."""
+    import numpy as np
+
+    logits, labels = prediction.predictions, prediction.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    predicted = np.asarray(logits).argmax(-1)
+    labels = np.asarray(labels)
+    f1s = []
+    for label in np.unique(np.concatenate([labels, predicted])):
+        tp = float(((predicted == label) & (labels == label)).sum())
+        fp = float(((predicted == label) & (labels != label)).sum())
+        fn = float(((predicted != label) & (labels == label)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {"accuracy": float((predicted == labels).mean()), "f1": float(np.mean(f1s))}
