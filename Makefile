@@ -6,7 +6,8 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup quickstart test test-fast cluster-up cluster-down lint bench bench-smoke reliability-report
+.PHONY: setup quickstart test test-fast cluster-up cluster-down lint bench bench-smoke reliability-report \
+	gpu-check
 
 setup:
 	bash scripts/setup.sh
@@ -38,6 +39,12 @@ bench: setup
 
 bench-smoke: setup
 	$(PY) tests/benchmarks/run_all.py --smoke
+
+# the GPU proof (docs/gpu-results.md): planner vs max_memory_allocated, throughput and MFU,
+# FSDP2, QLoRA kernels; without CUDA its parts say so. GPU_CHECK_ARGS=--cpu-smoke: the tiny run
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check: setup
+	PYTHON=$(PY) bash scripts/gpu_check.sh $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 # the reliability tier (faults, bad input, secrets), then docs/reliability.md
 reliability-report: setup cluster-up

@@ -98,11 +98,21 @@ def _steady(metrics: Path, tokens_per_step: int) -> dict[str, float]:
     }
 
 
-def ours(
-    model: Path, data: Path, out: Path, method: str, gc: bool, steps: int, seq: int, gpu: bool
+def recipe_sets(
+    model: Path,
+    data: Path,
+    *,
+    method: str,
+    gc: bool,
+    steps: int,
+    seq: int,
+    gpu: bool,
+    strategy: str = "ddp",
 ) -> dict[str, Any]:
-    shutil.rmtree(out, ignore_errors=True)
-    sets = {
+    """The --set overrides of recipes/quickstart.yaml for one measured single-process run:
+    micro-batch 1, every example truncated to `seq` tokens, bf16 on a GPU (fp32 on CPU),
+    paged 8-bit AdamW for QLoRA on a GPU, no validation or checkpoint, serve and eval off."""
+    sets: dict[str, Any] = {
         "model.name_or_path": str(model),
         "model.dtype": "bf16" if gpu else "fp32",
         "method.kind": method,
@@ -114,25 +124,49 @@ def ours(
         "train.global_batch_size": 1,
         "train.max_steps": steps,
         "train.logging_steps": 5,
-        "train.save_steps": steps,
+        # no checkpoint, only final/: a 1B full fine-tune's would be ~12 GB of disk each
+        "train.save_steps": steps + 1,
+        "train.min_free_disk": "warn",
         "train.learning_rate": 1e-4,
         "train.precision": "bf16" if gpu else "fp32",
         "train.gradient_checkpointing": gc,
         "train.optimizer": "paged_adamw_8bit" if method == "qlora" and gpu else "adamw_torch",
-        "distributed.strategy": "ddp",
+        "distributed.strategy": strategy,
         "resources.gpus_per_node": 1,
         "resources.accelerator": "gpu" if gpu else "cpu",
         "serve.enabled": False,
         "eval.enabled": False,
     }
+    if not gpu:  # one thread per rank, as the baseline's: CPU runs share the cores
+        sets["env.OMP_NUM_THREADS"] = '"1"'  # quoted: the recipe's env values are strings
+    return sets
+
+
+def tune_launch_argv(run_dir: Path, sets: dict[str, Any], *, dry_run: bool = False) -> list[str]:
+    """`tune-launch run recipes/quickstart.yaml` with `sets` as --set overrides: the train
+    stage only, or the dry run (the run directory's files, no process started)."""
     argv = [PY, "-m", "launcher.cli", "run", str(ROOT / "recipes/quickstart.yaml")]
-    argv += ["--stages", "train", "--run-dir", str(out)]
+    argv += ["--dry-run"] if dry_run else ["--stages", "train"]
+    argv += ["--run-dir", str(run_dir)]
     for key, value in sets.items():
         argv += ["--set", f"{key}={json.dumps(value) if isinstance(value, bool) else value}"]
-    res = run_timed(argv)
+    return argv
+
+
+def ours(
+    model: Path, data: Path, out: Path, method: str, gc: bool, steps: int, seq: int, gpu: bool
+) -> dict[str, Any]:
+    shutil.rmtree(out, ignore_errors=True)
+    sets = recipe_sets(model, data, method=method, gc=gc, steps=steps, seq=seq, gpu=gpu)
+    res = run_timed(tune_launch_argv(out, sets))
     assert res.returncode == 0, res.output[-3000:]
     plan = json.loads((out / "plan.json").read_text())
-    return {**_steady(out / "metrics.jsonl", seq), "plan": plan["memory"], "on_gpu": gpu}
+    return {
+        **_steady(out / "metrics.jsonl", seq),
+        "plan": plan["memory"],
+        "on_gpu": gpu,
+        "host_peak_rss_mib": round(res.peak_rss_mb, 1),  # the launcher's whole process tree
+    }
 
 
 def baseline(

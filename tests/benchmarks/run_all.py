@@ -38,6 +38,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs"))
     args = parser.parse_args()
     only = {s for s in args.only.split(",") if s}
+    out_dir = Path(args.out)
+    # before measuring: a run that measures for an hour must not then fail to write its file
+    out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for name in MODULES:
         try:
@@ -61,11 +64,10 @@ def main() -> int:
         "results": results,
     }
     if args.smoke:
-        out = Path(args.out) / "benchmarks-smoke.json"
+        out = out_dir / "benchmarks-smoke.json"
         out.write_text(json.dumps(doc, indent=2, default=str))
         print(f"smoke results: {out}")
         return 0
-    out_dir = Path(args.out)
     previous = out_dir / "benchmarks.json"
     if only and previous.is_file():  # --only replaces those entries, keeps the others
         fresh = {r["name"]: r for r in results}
