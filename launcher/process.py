@@ -25,18 +25,18 @@ Tree = dict[int, float]  # pid -> start time
 
 def pid_alive(pid: int) -> bool:
     """The process exists (a zombie counts: it is not reaped yet)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return _exists(os.kill, pid)
 
 
 def group_alive(pgid: int) -> bool:
+    """Some process of the group exists."""
+    return _exists(os.killpg, pgid)
+
+
+def _exists(send: Callable[[int, int], None], target: int) -> bool:
+    """Signal 0 to `target`: it exists unless the kernel says there is no such process."""
     try:
-        os.killpg(pgid, 0)
+        send(target, 0)
     except ProcessLookupError:
         return False
     except PermissionError:

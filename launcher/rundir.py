@@ -73,9 +73,6 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
-    def __fspath__(self) -> str:
-        return str(self.path)
-
     # ---------------------------------------------------------------------------- files
     @property
     def recipe_file(self) -> Path:
