@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -94,9 +94,11 @@ def record_request(request: Request) -> None:
     RunDir.write_atomic(run.request_file, request.render() + "\n")
 
 
-def choose_backend(plan: Plan) -> Backend[Any]:
+def choose_backend(plan: Plan, stages: Sequence[str] | None = None) -> Backend[Any]:
     """The plan's backend: resources.backend, where auto means SLURM for more than one node
-    (sbatch must be on PATH) and local for one. Exit 2 for a choice that cannot run."""
+    (sbatch must be on PATH) and local for one. Exit 2 for a choice that cannot run.
+    `stages` (--stages; default all): on SLURM, the stages after training the recipe enables
+    are jobs chained after it (cluster/chain.py); the local pipeline runs them itself."""
     res = plan.recipe.resources
     choice = res.backend
     if choice == "auto" and plan.nodes > 1:
@@ -127,15 +129,15 @@ def choose_backend(plan: Plan) -> Backend[Any]:
             ],
             "usage",
         )
-    return backend_named("slurm" if choice == "slurm" else "local")
+    return backend_named("slurm" if choice == "slurm" else "local", stages)
 
 
-def backend_named(name: str) -> Backend[Any]:
+def backend_named(name: str, stages: Sequence[str] | None = None) -> Backend[Any]:
     """The backend a job record names."""
     if name == "slurm":
         from cluster.slurm import SlurmBackend
 
-        return SlurmBackend()
+        return SlurmBackend(tuple(stages)) if stages is not None else SlurmBackend()
     if name == "local":
         from cluster.local import LocalBackend
 

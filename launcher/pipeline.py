@@ -75,31 +75,40 @@ def _write_run_dir(plan: Plan) -> None:
         ) from None
 
 
-def run_pipeline(plan: Plan, *, stages: list[str], wait: bool) -> int:
+def run_pipeline(plan: Plan, *, stages: list[str], wait: bool, restart: bool = False) -> int:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise RecipeError(
             [Problem("--stages", f"unknown stage(s) {unknown}", f"use {','.join(STAGES)}")], "usage"
         )
-    backend = choose_backend(plan) if "train" in stages else None
+    backend = choose_backend(plan, stages) if "train" in stages else None
+    # SLURM: merge and eval are jobs chained after training (cluster/chain.py) that take the
+    # run directory's lock themselves, so the chain is followed (--wait) outside it
+    chained = backend is not None and backend.name == "slurm"
     _setup_logging()
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
     with RunDir(plan.run_dir).lock("tune-launch run"):  # a second run here refuses
         if backend is not None:
-            code = _train(plan, backend, wait)
+            code = _train(plan, backend, wait and not chained, restart)
             if code != 0:
                 return code
-            if backend.status(Path(plan.run_dir)).state != "COMPLETED":
-                return 0  # queued: the later stages run with `tune-launch merge|eval RUN_DIR`
-        return _after_training(plan, stages)
+            if not chained and backend.status(Path(plan.run_dir)).state != "COMPLETED":
+                return 0  # not finished: the later stages run with `tune-launch merge|eval`
+        if not chained:
+            return _after_training(plan, stages)
+    if wait and backend is not None:
+        return backend.wait(Path(plan.run_dir))
+    return 0
 
 
-def _train(plan: Plan, backend: Backend[Any], wait: bool) -> int:
+def _train(plan: Plan, backend: Backend[Any], wait: bool, restart: bool = False) -> int:
     """Check what can be checked before any process starts, write the run directory, then
     submit the request the dry run prints (and follow it with `wait`)."""
     from launcher.data.rows import validate_data
+    from launcher.resume import check_resume
 
     _refuse_live_job(plan)
+    check_resume(plan, restart=restart)  # exit 2 on a change the checkpoint cannot take
     validate_data(plan.recipe)  # bad rows / missing files: exit 2 before any process starts
     check_disk(plan)
     _write_run_dir(plan)
@@ -135,8 +144,9 @@ def _after_training(plan: Plan, stages: list[str]) -> int:
     """merge, then eval (which serves the model itself), as the recipe and --stages ask."""
     recipe = plan.recipe
     run = RunDir(plan.run_dir)
-    wants_merge = recipe.method.kind != "full" and (recipe.merge.enabled or recipe.serve.enabled)
-    if "merge" in stages and wants_merge and recipe.model.task == "causal_lm":
+    from cluster.stages import wants_merge  # the one rule, for the SLURM chain and here
+
+    if "merge" in stages and wants_merge(plan):
         from launcher.merge.run import merge_run
 
         merged = merge_run(run.path)

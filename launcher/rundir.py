@@ -10,6 +10,7 @@ Layout (everything a later stage needs is read back from here):
     RUN_DIR/versions.json      package versions and the git SHA
     RUN_DIR/job.json           backend, job id / pids (cluster/base.py JobRecord)
     RUN_DIR/request.txt        the launch request the backend submitted (what --dry-run prints)
+    RUN_DIR/endpoint.json      the endpoint of `tune-launch serve --backend slurm` (job, node, URL)
     RUN_DIR/metrics.jsonl      rank 0: one JSON object per log event
     RUN_DIR/data_report.json   rank 0: what data validation found in each source
     RUN_DIR/eval_classification.json  rank 0: validation accuracy and F1 (classification)
@@ -18,11 +19,13 @@ Layout (everything a later stage needs is read back from here):
     RUN_DIR/.lock              held by whoever works in the directory (pipeline, merge, eval)
     RUN_DIR/slurm/             submitit's folder: sbatch script, pickles, per-task logs, errors
     RUN_DIR/base/              a tiny base model, when model.name_or_path is tiny:<arch>
-    RUN_DIR/checkpoints/       checkpoint-<step>/ (COMPLETE when whole), .staging/
+    RUN_DIR/checkpoints/       checkpoint-<step>/ (COMPLETE when whole; plan.json: the plan it
+                               was trained under), .staging/
     RUN_DIR/final/             the trained adapter or full model (COMPLETE), staged in .final.tmp
     RUN_DIR/merged/            the merged model (COMPLETE), staged in merged.tmp
     RUN_DIR/data_cache/        the splits as Arrow files while training
     RUN_DIR/logs/              rank{N}.log, rank{N}.error, launcher.log, merge.log, server*.log,
+                               samples-rank{N}.jsonl (train.log_samples),
                                fault-*.fired (tests: launcher/train/faults.py)
     RUN_DIR/eval/              report.md, results.json, plots (NAME.png), lm_eval/
     RUN_DIR/.cache/            caches of the vLLM servers started for the run
@@ -106,6 +109,11 @@ class RunDir:
     def request_file(self) -> Path:
         """The launch request as submitted, printed as `--dry-run` prints it (cluster/)."""
         return self.path / "request.txt"
+
+    @property
+    def endpoint_file(self) -> Path:
+        """The standing SLURM endpoint: job id, node, address, port, URL (cluster/endpoint.py)."""
+        return self.path / "endpoint.json"
 
     @property
     def metrics_file(self) -> Path:
@@ -197,6 +205,34 @@ class RunDir:
 
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.log"
+
+    def samples_log(self, rank: int) -> Path:
+        """train.log_samples: the rows each optimizer step used on this rank."""
+        return self.logs / f"samples-rank{rank}.jsonl"
+
+    def samples_logs(self) -> list[Path]:
+        return sorted(self.logs.glob("samples-rank*.jsonl")) if self.logs.is_dir() else []
+
+    @staticmethod
+    def checkpoint_plan(checkpoint: Path) -> Path:
+        """The plan a checkpoint was trained under (what a resume is compared with)."""
+        return checkpoint / "plan.json"
+
+    def reset_training(self) -> list[Path]:
+        """--restart: delete what training, merge and eval wrote (checkpoints, final,
+        merged, eval, metrics, sample logs, the data cache); returns what was removed."""
+        doomed = [self.checkpoints, self.final, self.final_staging, self.merged]
+        doomed += [self.merged_staging, self.eval, self.data_cache, self.tensorboard]
+        removed = []
+        for directory in doomed:
+            if directory.exists():
+                RunDir.remove(directory)
+                removed.append(directory)
+        for file in [self.metrics_file, self.preempted_marker, *self.samples_logs()]:
+            if file.exists():
+                file.unlink()
+                removed.append(file)
+        return removed
 
     def rank_error(self, rank: int) -> Path:
         """Written by a rank that fails: its traceback (launcher/train/entry.py)."""

@@ -55,6 +55,9 @@ REFERENCED_FAST = {
         "serving: API key"
     ),
     "tests/serve/test_serve_units.py::test_env_cpu_fixes_and_no_secret": "serving: API key",
+    "tests/unit/test_resume_rules.py": (
+        "resume under a changed recipe: refused before any process, or applied (units)"
+    ),
 }
 # tests/train/test_train_runs.py::test_crash_during_a_save_leaves_the_previous_checkpoint_resumable
 # (the manual rerun after a crash in a save) is left to the train tier: three launches, and
@@ -67,6 +70,22 @@ REFERENCED_SLOW = {
     "tests/serve/test_serve_server.py::test_binds_localhost_by_default": (
         "serving: binds 127.0.0.1 by default"
     ),
+    "tests/train/test_resume_anywhere.py::test_zero2": (
+        "resume on another world size (2 -> 1 -> 2 processes), local"
+    ),
+    "tests/train/test_resume_anywhere.py::test_zero3": (
+        "resume on another world size (2 -> 1 -> 2 processes), local"
+    ),
+    "tests/train/test_resume_anywhere.py::test_ddp": (
+        "resume on another world size (2 -> 1 processes, DDP, a new learning rate), local"
+    ),
+    "tests/train/test_resume_anywhere.py::test_a_change": (
+        "resume under a changed recipe: refused before any process, or applied"
+    ),
+    "tests/train/test_resume_anywhere.py::test_restart": (
+        "resume under a changed recipe: refused before any process, or applied"
+    ),
+    "tests/slurm/test_slurm_resume.py": "resume on another world size (2 nodes -> 1), SLURM",
 }
 
 
@@ -131,6 +150,7 @@ ORDER = (
     "rank dies",
     "launcher interrupted",
     "crash while writing",
+    "resume",
     "two runs",
     "disk too small",
     "loss NaN",

@@ -1,4 +1,5 @@
-"""Model shapes: read from config.json when it is on disk, else a built-in table.
+"""Model shapes: read from config.json when it is on disk (a model directory, or the local
+Hugging Face cache for a hub id), else a built-in table.
 
 The planner needs exact parameter counts without downloading or instantiating anything,
 so a shape is a few integers and the counts are closed-form (checked against the real
@@ -8,6 +9,7 @@ transformers models on the meta device in tests/unit/test_arch.py).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -218,13 +220,66 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape | None:
     )
 
 
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as the libraries find it now: HF_HUB_CACHE, else
+    HUGGINGFACE_HUB_CACHE, else HF_HOME/hub (default ~/.cache/huggingface/hub). Read at call
+    time, not at import like huggingface_hub.constants."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(os.path.expandvars(explicit)).expanduser()
+    home = os.environ.get("HF_HOME") or str(
+        Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    )
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def config_path(name_or_path: str) -> tuple[Path | None, str]:
+    """Where the model's config.json lies without any network: (path, "local") for a model
+    directory, (path, "cache") for a hub id in the local Hugging Face cache, else (None, why)."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        path = local / "config.json"
+        return (path, "local") if path.is_file() else (None, f"{local} has no config.json")
+    if name_or_path.count("/") != 1 or name_or_path.startswith(("/", ".", "~")):
+        return None, f"{name_or_path} is neither a local directory nor a hub id (owner/name)"
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = hub_cache_dir()
+    try:
+        found = try_to_load_from_cache(name_or_path, "config.json", cache_dir=cache)
+    except ValueError:  # not a valid repo id
+        found = None
+    if isinstance(found, str):
+        return Path(found), "cache"
+    return (
+        None,
+        f"{name_or_path} is not a local directory and not in the Hugging Face cache {cache}",
+    )
+
+
 def read_local_config(name_or_path: str) -> dict[str, Any] | None:
-    """config.json of a local model directory (no hub access), or None."""
-    path = Path(name_or_path) / "config.json"
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-    return None
+    """config.json of a local model directory, or of a hub model in the local Hugging Face
+    cache (read offline, never downloaded), or None."""
+    path, _ = config_path(name_or_path)
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+MISSING_MODEL_FIX = (
+    "download it first on a host with network access (`hf download OWNER/NAME`, into the cache "
+    "the nodes share: HF_HOME / HF_HUB_CACHE), or give a local model directory"
+)
+
+
+def missing_model(name_or_path: str) -> str | None:
+    """Why the model cannot be loaded without network (no local directory with a config.json,
+    not in the Hugging Face cache), or None when it can (tiny:<arch> is built by the run)."""
+    if name_or_path.startswith("tiny:"):
+        return None
+    path, where = config_path(name_or_path)
+    return None if path is not None else where

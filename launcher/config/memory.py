@@ -15,15 +15,19 @@ The model, written out so a reader can check it by hand (tests/unit/test_memory.
   copy when trainable weights are 16-bit under DeepSpeed. ZeRO shards them; offload moves them
   to host RAM.
 - activations (per layer, per micro batch b and sequence s, hidden h, a heads, in 16-bit,
-  Korthikanti et al. 2022): s*b*h*(34 + 5*a*s/h) bytes without checkpointing; with it, the
-  2*s*b*h bytes of each layer's input plus one layer's full activations. Logits add
-  b*s*vocab*(2 + 4 + 4) (16-bit logits, their fp32 upcast and its gradient).
+  Korthikanti et al. 2022): s*b*h*34 bytes, plus 5*a*s^2*b for the attention scores that only
+  eager attention stores (sdpa and flash_attention_2 compute them in tiles, never the s x s
+  matrix); with checkpointing, the 2*s*b*h bytes of each layer's input plus one layer's full
+  activations. Logits add b*s*vocab*(2 + 4 + 4) (16-bit logits, their fp32 upcast and its
+  gradient: the rank computes the model's own, unchunked loss, launcher/train/callbacks.py).
+  s is data.max_seq_len: with packing every sequence is that long; without it a batch pads to
+  its longest row, so it is the worst batch, the one that decides out-of-memory.
 - runtime: 1 GiB (CUDA context, allocator slack, NCCL buffers) on GPU; 0 on CPU.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from launcher.config.arch import ModelShape
 
@@ -53,6 +57,7 @@ class MemoryInputs:
     merge_shard_gb: float
     modules_to_save: tuple[str, ...] = ()
     num_labels: int = 2
+    attention: str = "sdpa"  # eager | sdpa | flash_attention_2 (model.attn_implementation)
 
 
 def weight_bytes(shape: ModelShape, method: str, dtype: str, double_quant: bool) -> float:
@@ -80,9 +85,12 @@ def optimizer_bytes_per_param(optimizer: str) -> float:
     return 8.0
 
 
-def activation_bytes(shape: ModelShape, micro_batch: int, seq: int, checkpointing: bool) -> float:
+def activation_bytes(
+    shape: ModelShape, micro_batch: int, seq: int, checkpointing: bool, attention: str = "sdpa"
+) -> float:
     s, b, h, a = seq, micro_batch, shape.hidden_size, shape.num_heads
-    per_layer_full = s * b * h * (34 + 5 * a * s / h)
+    scores = 5 * a * s * s * b if attention == "eager" else 0  # the s x s attention matrices
+    per_layer_full = s * b * h * 34 + scores
     if checkpointing:
         layers = shape.num_layers * 2 * s * b * h + per_layer_full
     else:
@@ -110,7 +118,9 @@ def estimate(m: MemoryInputs) -> dict[str, object]:
     optim = trainable * optimizer_bytes_per_param(m.optimizer)
     if deepspeed and DTYPE_BYTES[m.dtype] == 2 and m.method == "full":
         optim += trainable * 4  # fp32 master weights
-    acts = activation_bytes(shape, m.micro_batch_size, m.seq_len, m.gradient_checkpointing)
+    acts = activation_bytes(
+        shape, m.micro_batch_size, m.seq_len, m.gradient_checkpointing, m.attention
+    )
 
     gpu_weights = weights / ws if sharded_params else weights
     if m.offload_params and m.strategy == "zero3":
@@ -160,20 +170,54 @@ def _checkpoint_bytes(m: MemoryInputs, trainable: int, optim: float) -> float:
 
 
 def suggestions(m: MemoryInputs) -> list[str]:
-    """What to change when the estimate does not fit, most effective first."""
-    out = []
+    """What to change when the estimate does not fit, most effective first, each with the
+    GiB per GPU it saves (the estimate redone with that one change)."""
+    half_seq, half_batch = max(1, m.seq_len // 2), max(1, m.micro_batch_size // 2)
+    options: list[tuple[str, MemoryInputs]] = []
     if m.strategy not in ("zero3", "fsdp") and m.world_size > 1:
-        out.append("distributed.strategy=zero3 (shard weights, gradients and optimizer states)")
+        options.append(
+            (
+                "distributed.strategy=zero3 (shard weights, gradients and optimizer states)",
+                replace(m, strategy="zero3"),
+            )
+        )
     if m.method == "full":
-        out.append("method.kind=qlora (4-bit base + adapters)")
+        options.append(("method.kind=qlora (4-bit base + adapters)", replace(m, method="qlora")))
     elif m.method == "lora":
-        out.append("method.kind=qlora (4-bit base)")
+        options.append(("method.kind=qlora (4-bit base)", replace(m, method="qlora")))
     if not m.gradient_checkpointing:
-        out.append("train.gradient_checkpointing=true")
+        options.append(
+            ("train.gradient_checkpointing=true", replace(m, gradient_checkpointing=True))
+        )
+    if m.attention == "eager":
+        options.append(
+            (
+                "model.attn_implementation=sdpa or flash_attention_2 (eager attention stores "
+                "seq x seq scores)",
+                replace(m, attention="sdpa"),
+            )
+        )
+    if m.seq_len > 1:
+        options.append(
+            (
+                f"a smaller data.max_seq_len ({m.seq_len} now; activations grow with it, "
+                f"e.g. {half_seq})",
+                replace(m, seq_len=half_seq),
+            )
+        )
     if m.micro_batch_size > 1:
-        out.append(
-            "a smaller train.micro_batch_size (gradient accumulation keeps the global batch)"
+        options.append(
+            (
+                "a smaller train.micro_batch_size (gradient accumulation keeps the global batch)",
+                replace(m, micro_batch_size=half_batch),
+            )
         )
     if m.strategy in ("zero2", "zero3") and not m.offload_optimizer:
-        out.append("distributed.offload_optimizer=true")
-    return out
+        options.append(("distributed.offload_optimizer=true", replace(m, offload_optimizer=True)))
+    now = float(estimate(m)["per_gpu_gib"])  # type: ignore[arg-type]
+    ranked = []
+    for text, changed in options:
+        saved = now - float(estimate(changed)["per_gpu_gib"])  # type: ignore[arg-type]
+        if saved > 0.05:
+            ranked.append((saved, f"{text}: saves {saved:.1f} GiB"))
+    return [text for _, text in sorted(ranked, key=lambda r: -r[0])]

@@ -112,10 +112,8 @@ def _shape(recipe: Recipe, facts: ClusterFacts) -> arch.ModelShape | None:
         shape = arch.shape_from_config(facts.model_config)
         if shape:
             return shape
-    if recipe.model.architecture:
-        return arch.BUILTIN.get(recipe.model.architecture) or arch.TINY.get(
-            recipe.model.architecture
-        )
+    if recipe.model.architecture:  # rules: a key of the built-in table (never a tiny shape)
+        return arch.BUILTIN.get(recipe.model.architecture)
     return None
 
 
@@ -146,6 +144,7 @@ def _memory(
         merge_shard_gb=recipe.merge.shard_size_gb,
         modules_to_save=tuple(method.modules_to_save),
         num_labels=recipe.model.num_labels or 2,
+        attention=recipe.model.attn_implementation,
     )
     mem = memory.estimate(inputs)
     warnings = []
@@ -203,7 +202,7 @@ def resolve(recipe: Recipe, facts: ClusterFacts) -> Plan:
         micro_batch_size=mbs,
         gradient_accumulation_steps=gas,
         world_size=world,
-        max_grad_norm=train.max_grad_norm,
+        max_grad_norm=train.max_grad_norm or 0.0,  # DeepSpeed: 0 is no clipping
         precision=train.precision,
         offload_optimizer=dist.offload_optimizer,
         offload_params=dist.offload_params,

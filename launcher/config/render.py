@@ -1,7 +1,9 @@
 """Plan -> concrete configs: DeepSpeed JSON, accelerate YAML, per-node launch argv/env.
 
 Pure functions returning data. What they return is written to the run directory and is
-exactly what runs: no `"auto"` is left in the DeepSpeed config.
+exactly what runs: no `"auto"` is left in the DeepSpeed config, except the three bucket sizes
+when the model's shape is not known offline (they depend on its hidden size, which is never
+guessed; the Trainer's DeepSpeed integration resolves them from the loaded model).
 Per-node values that only exist inside a SLURM step (`{node_rank}`, `{master_addr}`,
 `{master_port}`) stay as placeholders and are filled by `cluster/rank_env.py` on the node.
 """
@@ -31,12 +33,18 @@ def render_deepspeed(
     """The DeepSpeed config for zero2/zero3, or None for other strategies."""
     if strategy not in ("zero2", "zero3"):
         return None
-    hidden = shape.hidden_size if shape else 4096
+    # bucket sizes follow the hidden size; when the shape is unknown offline they stay "auto",
+    # which the Trainer's DeepSpeed integration fills from the loaded model's config
+    h = shape.hidden_size if shape else 0
+
+    def sized(value: float) -> int | str:
+        return int(value) if shape else "auto"
+
     zero: dict[str, Any] = {
         "stage": 2 if strategy == "zero2" else 3,
         "overlap_comm": True,
         "contiguous_gradients": True,
-        "reduce_bucket_size": int(hidden * hidden),
+        "reduce_bucket_size": sized(h * h),
     }
     if strategy == "zero2":
         zero |= {
@@ -47,8 +55,8 @@ def render_deepspeed(
     else:
         zero |= {
             "sub_group_size": int(1e9),
-            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-            "stage3_param_persistence_threshold": int(10 * hidden),
+            "stage3_prefetch_bucket_size": sized(0.9 * h * h),
+            "stage3_param_persistence_threshold": sized(10 * h),
             "stage3_max_live_parameters": int(1e9),
             "stage3_max_reuse_distance": int(1e9),
             "stage3_gather_16bit_weights_on_model_save": True,

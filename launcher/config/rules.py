@@ -116,9 +116,42 @@ def fsdp_needs_known_layer_class(c: Candidate) -> list[Problem]:
         Problem(
             "distributed.strategy",
             "FSDP wraps the model's block class, and the model's architecture is not known "
-            "offline (no local config.json, no model.architecture)",
-            "set model.architecture to one of " + ", ".join(arch.BUILTIN),
+            "offline (no config.json in a local directory or the Hugging Face cache, no "
+            "model.architecture)",
+            "download the model first (its config.json is then read from the cache), or set "
+            "model.architecture to one of " + ", ".join(arch.BUILTIN),
             "fsdp",
+        )
+    ]
+
+
+def gpu_settings_need_gpu(c: Candidate) -> list[Problem]:
+    """TF32 and torch.compile are GPU settings: transformers refuses TF32 without CUDA, and
+    compiling on the CPU hosts of this launcher is not what a recipe tuned for GPUs means."""
+    train = c.recipe.train
+    if c.recipe.resources.accelerator == "gpu":
+        return []
+    found = {"train.tf32": train.tf32, "train.torch_compile": train.torch_compile}
+    return [
+        Problem(
+            path, "a GPU setting on a CPU host", "remove it, or resources.accelerator=gpu", value
+        )
+        for path, value in found.items()
+        if value
+    ]
+
+
+def warmup_given_once(c: Candidate) -> list[Problem]:
+    train = c.recipe.train
+    explicit_ratio = "warmup_ratio" in train.model_fields_set and train.warmup_ratio > 0
+    if train.warmup_steps is None or not explicit_ratio:
+        return []
+    return [
+        Problem(
+            "train.warmup_steps",
+            f"given together with train.warmup_ratio={train.warmup_ratio}",
+            "keep one of them (train.warmup_ratio=0 turns the ratio off)",
+            train.warmup_steps,
         )
     ]
 
@@ -292,14 +325,37 @@ def env_keys_are_variable_names(c: Candidate) -> list[Problem]:
 
 
 def architecture_is_in_the_table(c: Candidate) -> list[Problem]:
-    name = c.recipe.model.architecture
-    if not name or name in arch.BUILTIN or name in arch.TINY:
+    """A real model's architecture is a key of the built-in table: a tiny shape's name
+    (llama, qwen2) would plan a 128-wide test model's numbers for it."""
+    name, model = c.recipe.model.architecture, c.recipe.model.name_or_path
+    tiny = model.startswith("tiny:")
+    if not name or name in arch.BUILTIN or (tiny and name in arch.TINY):
+        return []
+    why = (
+        f"{name!r} names a tiny test shape, not {model}'s"
+        if name in arch.TINY
+        else "not in the built-in shape table"
+    )
+    fix = "use one of " + ", ".join(arch.BUILTIN)
+    if not tiny:
+        fix += ", or remove it and put the model's config.json in the Hugging Face cache"
+    return [Problem("model.architecture", why, fix, name)]
+
+
+def architecture_agrees_with_config(c: Candidate) -> list[Problem]:
+    """model.architecture must not contradict the model's own config.json."""
+    name, config = c.recipe.model.architecture, c.model_config
+    if not name or not config or name not in arch.BUILTIN:
+        return []
+    found = config.get("model_type")
+    if arch.family(name) == found or found is None:
         return []
     return [
         Problem(
             "model.architecture",
-            "not in the built-in shape table",
-            "use one of " + ", ".join([*arch.BUILTIN, *arch.TINY]),
+            f"{name} is a {arch.family(name)} model, but the model's config.json says "
+            f"model_type={found}",
+            "remove model.architecture (the config.json is read)",
             name,
         )
     ]
@@ -386,8 +442,10 @@ def shape_known_for_the_estimate(c: Candidate) -> list[str]:
     if c.shape is not None or c.recipe.model.name_or_path.startswith("tiny:"):
         return []
     return [
-        "model shape unknown offline (no local config.json, no model.architecture): "
-        "no memory estimate; set model.architecture to one of " + ", ".join(arch.BUILTIN)
+        "model shape unknown offline (no config.json in a local directory or the Hugging "
+        "Face cache, no model.architecture): no memory estimate, and DeepSpeed's bucket sizes "
+        'are left to DeepSpeed ("auto", resolved from the loaded model); download the model '
+        "first, or set model.architecture to one of " + ", ".join(arch.BUILTIN)
     ]
 
 
@@ -415,6 +473,8 @@ RULES: list[Rule] = [
     fp16_weights_not_trained_in_bf16,
     fsdp_needs_gpu,
     fsdp_needs_known_layer_class,
+    gpu_settings_need_gpu,
+    warmup_given_once,
     offload_params_needs_zero3,
     offload_optimizer_needs_zero,
     offload_optimizer_needs_adamw_torch,
@@ -429,6 +489,7 @@ RULES: list[Rule] = [
     secrets_stay_out_of_env,
     env_keys_are_variable_names,
     architecture_is_in_the_table,
+    architecture_agrees_with_config,
     sbatch_extra_keys_are_options,
     script_values_stay_on_their_line,
 ]

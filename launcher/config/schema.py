@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Dtype = Literal["bf16", "fp16", "fp32"]
+Tracker = Literal["tensorboard"]
 SECRET_DEFAULTS = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"]
 
 
@@ -24,12 +25,16 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name_or_path: str = Field(
         description="Hub id, local directory, or `tiny:<arch>` (a tiny random model of that "
-        "architecture, built into the run directory; for smoke runs and the CPU quickstart)."
+        "architecture, built into the run directory; for smoke runs and the CPU quickstart). "
+        "A hub id is read offline from the Hugging Face cache (HF_HOME / HF_HUB_CACHE): "
+        "download it first; `tune-launch run` refuses one that is not there."
     )
     architecture: str | None = Field(
         None,
         description="Architecture key of the built-in shape table (e.g. llama3.1-70b) used by "
-        "the memory planner when config.json is not available offline, and by --smoke.",
+        "the memory planner when config.json is not available offline (not a local directory, "
+        "not in the Hugging Face cache), and by --smoke. Must agree with config.json when both "
+        "are known.",
     )
     dtype: Dtype = Field("bf16", description="Dtype the weights are loaded in.")
     trust_remote_code: bool = Field(
@@ -87,12 +92,25 @@ class DataConfig(Section):
     )
     format: Literal["alpaca", "messages", "text", "preference", "classification"] = Field(
         "alpaca",
-        description="alpaca: instruction/input/output; messages: OpenAI-style chat; text: raw "
-        "text (continued pretraining); preference: prompt/chosen/rejected (DPO); "
-        "classification: text + label columns.",
+        description="alpaca: instruction/input/output; messages: OpenAI-style chat, every "
+        "assistant turn trained (data.assistant_turns); text: raw text (continued pretraining); "
+        "preference: prompt/chosen/rejected (DPO), chosen/rejected as answers or as whole "
+        "conversations repeating the prompt (Argilla/UltraFeedback); classification: text + "
+        "label columns.",
     )
     chat_template: str | None = Field(
-        None, description="Jinja chat template; default: the tokenizer's own."
+        None,
+        description="Chat template: chatml, llama3 or alpaca (their special tokens added when "
+        "missing, their end-of-turn token made EOS), or Jinja text; default: the tokenizer's "
+        "own.",
+    )
+    eos_token: str | None = Field(
+        None, description="EOS token, a token of the vocabulary; default: the tokenizer's."
+    )
+    pad_token: str | None = Field(
+        None,
+        description="Pad token (added when not in the vocabulary; never the EOS); default: "
+        "the tokenizer's when distinct from EOS, else a free one.",
     )
     max_seq_len: int = Field(2048, gt=0, le=1_048_576, description="Tokens per example.")
     packing: bool = Field(False, description="Pack several examples into one sequence.")
@@ -106,8 +124,38 @@ class DataConfig(Section):
     completion_only_loss: bool = Field(
         True, description="Loss only on completion tokens for instruction/chat data."
     )
+    assistant_turns: Literal["all", "last"] = Field(
+        "all",
+        description="Chat data (alpaca, messages): which assistant turns of a conversation "
+        "are trained with completion_only_loss: all of them, or only the last (earlier turns "
+        "are then context, like the user's).",
+    )
     invalid_rows: Literal["drop", "error"] = Field(
         "error", description="Invalid rows: drop them with a warning, or stop with an error."
+    )
+    max_samples: int | None = Field(
+        None,
+        gt=0,
+        description="Train on at most this many rows (the first valid ones, after the "
+        "validation split); default: all.",
+    )
+    num_proc: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Processes that tokenize and pack the data on each node (datasets' "
+        "num_proc, TRL's dataset_num_proc); default: one.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Source column -> the format's column, e.g. {conversations: messages} or "
+        "{question: instruction, answer: output}.",
+    )
+    role_key: str = Field("role", description="Key of a chat turn's role (ShareGPT: from).")
+    content_key: str = Field("content", description="Key of a chat turn's text (ShareGPT: value).")
+    roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
+        default_factory=dict,
+        description="Source role names -> roles, e.g. {human: user, gpt: assistant} (ShareGPT).",
     )
     text_column: str = Field("text", description="Text column (text/classification formats).")
     label_column: str = Field("label", description="Label column (classification format).")
@@ -128,11 +176,28 @@ class TrainConfig(Section):
         "cosine", description="Learning-rate schedule."
     )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps for warmup.")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="Warmup in optimizer steps, instead of train.warmup_ratio."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_grad_norm: float | None = Field(
+        1.0, ge=0, description="Gradient clipping norm; 0 or null: no clipping."
+    )
     optimizer: Literal[
-        "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor"
-    ] = Field("adamw_torch", description="Optimizer by name (transformers' names).")
+        "adamw_torch",
+        "adamw_torch_fused",
+        "adamw_bnb_8bit",
+        "paged_adamw_8bit",
+        "paged_adamw_32bit",
+        "adafactor",
+    ] = Field(
+        "adamw_torch",
+        description="Optimizer by name (transformers' names); adamw_torch_fused: torch's fused "
+        "AdamW kernel, one launch per parameter group.",
+    )
+    dataloader_workers: int = Field(
+        0, ge=0, le=64, description="Worker processes loading batches, per rank (0: in the rank)."
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations (non-reentrant)."
     )
@@ -141,11 +206,37 @@ class TrainConfig(Section):
     )
     seed: int = Field(42, description="Seed of weights init (adapters), dropout and data order.")
     save_steps: int = Field(100, gt=0, description="Checkpoint every N optimizer steps.")
+    save_strategy: Literal["steps", "epoch"] = Field(
+        "steps", description="Checkpoint every train.save_steps steps, or at each epoch's end."
+    )
     eval_steps: int | None = Field(
         None, gt=0, description="Evaluate every N steps; default save_steps."
     )
+    eval_strategy: Literal["steps", "epoch"] | None = Field(
+        None,
+        description="Evaluate every train.eval_steps steps, or at each epoch's end; default: "
+        "train.save_strategy.",
+    )
+    trackers: list[Tracker] = Field(
+        default_factory=lambda: list[Tracker](["tensorboard"]),
+        description="Metric trackers the Trainer reports to ([] for none); metrics.jsonl is "
+        "always written.",
+    )
+    tf32: bool | None = Field(
+        None,
+        description="GPU only: TF32 matmuls on Ampere or newer (transformers' tf32); "
+        "default: PyTorch's.",
+    )
+    torch_compile: bool = Field(
+        False, description="GPU only: compile the model with torch.compile (inductor)."
+    )
     logging_steps: int = Field(10, gt=0, description="Log metrics every N steps.")
     keep_last: int = Field(2, ge=1, description="Complete checkpoints kept on disk.")
+    log_samples: bool = Field(
+        False,
+        description="Log which training rows each optimizer step used, per rank, to "
+        "RUN_DIR/logs/samples-rank{N}.jsonl (audits data order across resumes).",
+    )
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after N evaluations without a better validation loss."
     )
@@ -239,6 +330,18 @@ class MergeConfig(Section):
     )
     verify_tolerance: float = Field(
         1e-3, gt=0, description="Max |logits| difference merged vs base+adapter."
+    )
+    cpus: int | None = Field(
+        None,
+        ge=1,
+        description="SLURM: CPUs of the merge job (one node, no GPU); default: "
+        "resources.cpus_per_node up to 8, else 2.",
+    )
+    mem_gib: int | None = Field(
+        None,
+        ge=1,
+        description="SLURM: host memory of the merge job; default: the planner's merge RAM "
+        "(`tune-launch plan`) plus 4 GiB for the interpreter.",
     )
 
 

@@ -10,12 +10,15 @@ Pure Python: the plan imports this on the submitting host without torch.
     alpaca          instruction (str), input (str, optional), output (str, non-empty)
     messages        messages: [{role, content}, ...] ending with an assistant turn
     text            <text_column>: str  (continued pretraining)
-    preference      prompt, chosen, rejected: str or message lists (DPO)
+    preference      prompt, chosen, rejected: str or message lists (DPO); chosen/rejected may
+                    repeat the prompt's turns first (Argilla/UltraFeedback), stripped
     classification  <text_column>: str, <label_column>: int in [0, num_labels) or str
 
 Rows given to the trainers: alpaca and messages become conversational prompt/completion
-(TRL applies the chat template and masks the prompt out of the loss), preference becomes
-conversational prompt/chosen/rejected, text stays {"text"}, classification {"text", "label"}.
+(the completion is the last assistant turn; evaluation reads them so), which the rank then
+tokenizes with a loss mask over every assistant turn (launcher/data/turns.py); preference
+becomes conversational prompt/chosen/rejected, text stays {"text"}, classification
+{"text", "label"}.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class DataFormat:
     chat: bool  # rows go through the tokenizer's chat template
     packable: bool  # data.packing applies
     completion_only: bool  # data.completion_only_loss applies (there is a prompt to mask)
+    turns: bool  # conversations: the rank tokenizes them, every assistant turn trained (turns.py)
     problem: Callable[[Row, DataConfig, int | None], str | None]  # why a row is invalid
     convert: Callable[[Row, DataConfig, dict[str, int] | None], Row]  # the trainer's row
     example: Callable[[Example, DataConfig], Row]  # a synthetic row (smoke)
@@ -166,13 +170,35 @@ def _text_convert(row: Row, data: DataConfig, labels: dict[str, int] | None) -> 
 # preference
 
 
+def _answer_turns(row: Row, key: str) -> tuple[list[dict[str, str]], str | None]:
+    """The turns of `chosen`/`rejected` after the prompt. A full conversation that repeats the
+    prompt (the Argilla / UltraFeedback shape) has the repeat stripped, once checked to be the
+    prompt turn for turn: DPO would otherwise train on a prompt given twice."""
+    prompt, turns = _as_turns(row["prompt"], "user"), _as_turns(row[key], "assistant")
+    if turns[0]["role"] == "assistant":
+        return turns, None
+    head = turns[: len(prompt)]
+    same = len(head) == len(prompt) and all(
+        a["role"] == b["role"] and a["content"].strip() == b["content"].strip()
+        for a, b in zip(head, prompt, strict=True)
+    )
+    if not same or len(turns) == len(prompt):
+        return turns, (
+            f"{key!r} starts with a {turns[0]['role']} turn that is not a repeat of 'prompt': "
+            f"give {key!r} as the answer turns only, or as the prompt's turns followed by them"
+        )
+    return turns[len(prompt) :], None
+
+
 def _preference_problem(row: Row, data: DataConfig, num_labels: int | None) -> str | None:
     problem = (
         _turn_problem(row, "prompt", completion=False)
         or _turn_problem(row, "chosen", completion=True)
         or _turn_problem(row, "rejected", completion=True)
+        or _answer_turns(row, "chosen")[1]
+        or _answer_turns(row, "rejected")[1]
     )
-    if problem is None and row["chosen"] == row["rejected"]:
+    if problem is None and _answer_turns(row, "chosen") == _answer_turns(row, "rejected"):
         problem = "'chosen' equals 'rejected': no preference to learn"
     return problem
 
@@ -180,8 +206,8 @@ def _preference_problem(row: Row, data: DataConfig, num_labels: int | None) -> s
 def _preference_convert(row: Row, data: DataConfig, labels: dict[str, int] | None) -> Row:
     return {
         "prompt": _as_turns(row["prompt"], "user"),
-        "chosen": _as_turns(row["chosen"], "assistant"),
-        "rejected": _as_turns(row["rejected"], "assistant"),
+        "chosen": _answer_turns(row, "chosen")[0],
+        "rejected": _answer_turns(row, "rejected")[0],
     }
 
 
@@ -229,6 +255,7 @@ FORMATS: dict[str, DataFormat] = {
             chat=True,
             packable=True,
             completion_only=True,
+            turns=True,
             problem=_alpaca_problem,
             convert=_alpaca_convert,
             example=lambda e, d: {"instruction": e.question, "input": e.text, "output": e.label},
@@ -240,6 +267,7 @@ FORMATS: dict[str, DataFormat] = {
             chat=True,
             packable=True,
             completion_only=True,
+            turns=True,
             problem=_messages_row_problem,
             convert=_messages_convert,
             example=lambda e, d: {
@@ -256,6 +284,7 @@ FORMATS: dict[str, DataFormat] = {
             chat=False,
             packable=True,
             completion_only=False,
+            turns=False,
             problem=_text_row_problem,
             convert=_text_convert,
             example=lambda e, d: {d.text_column: f"{e.text}, so it was {e.label}."},
@@ -267,6 +296,7 @@ FORMATS: dict[str, DataFormat] = {
             chat=True,
             packable=False,
             completion_only=False,
+            turns=False,
             problem=_preference_problem,
             convert=_preference_convert,
             example=lambda e, d: {
@@ -282,6 +312,7 @@ FORMATS: dict[str, DataFormat] = {
             chat=False,
             packable=False,
             completion_only=False,
+            turns=False,
             problem=_classification_problem,
             convert=_classification_convert,
             example=lambda e, d: {d.text_column: e.text, d.label_column: e.label},

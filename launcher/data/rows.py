@@ -20,6 +20,9 @@ from typing import Any
 from launcher.config.schema import DataConfig, Recipe
 from launcher.data.files import RowProblem, is_local, read_rows
 from launcher.data.formats import Row, class_label, get_format
+from launcher.data.mapping import remap
+from launcher.data.templates import TEMPLATES
+from launcher.data.turns import TurnError, conversation, tokenize_turns
 from launcher.errors import Problem, RecipeError
 
 log = logging.getLogger(__name__)
@@ -101,15 +104,28 @@ def length_fn(tokenizer: Any, data: DataConfig) -> LengthFn:
         if "text" in row:
             total = len(tokenizer(row["text"])["input_ids"])
             return 0, total
+        if "completion" in row:  # a conversation: the first trained token ends its prompt
+            tokens = tokenized_turns(tokenizer, data)(row)
+            return tokens["completion_mask"].index(1), len(tokens["input_ids"])
         prompt = count(render(row["prompt"], True))
-        if "completion" in row:
-            return prompt, count(render(row["prompt"] + row["completion"], False))
         longest = max(
             count(render(row["prompt"] + row[key], False)) for key in ("chosen", "rejected")
         )
         return prompt, longest
 
     return measure
+
+
+def tokenized_turns(tokenizer: Any, data: DataConfig) -> Callable[[Row], dict[str, list[int]]]:
+    """A chat trainer row (prompt + completion) as `input_ids` and a `completion_mask` over the
+    assistant turns data.assistant_turns trains (launcher/data/turns.py); TurnError when a
+    trained turn gets no token."""
+    last_only = data.assistant_turns == "last"
+
+    def tokenize(row: Row) -> dict[str, list[int]]:
+        return tokenize_turns(tokenizer, conversation(row), last_only=last_only)
+
+    return tokenize
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,10 +147,11 @@ def check_source(
     report = DataReport(source=name, read=len(numbered) + len(problems))
     fmt = get_format(data.format)
     if fmt.trainer == "classification" and labels is None:
-        labels = label_mapping((r for _, r in numbered), data)
+        labels = label_mapping((remap(r, data) for _, r in numbered), data)
     seen: set[str] = set()
     valid: list[Row] = []
-    for number, row in numbered:
+    for number, source_row in numbered:
+        row = remap(source_row, data)
         problem = fmt.problem(row, data, None if labels else num_labels)
         if problem is None and labels and num_labels is not None and len(labels) > num_labels:
             problem = f"{len(labels)} distinct string labels but model.num_labels={num_labels}"
@@ -145,8 +162,11 @@ def check_source(
         if problem is None:
             trainer_row = fmt.convert(row, data, labels)
             if measure is not None:
-                prompt_len, total = measure(trainer_row)
-                if fmt.chat and prompt_len >= data.max_seq_len:
+                try:
+                    prompt_len, total = measure(trainer_row)
+                except TurnError as exc:
+                    prompt_len, total, problem = 0, 0, str(exc)
+                if problem is None and fmt.chat and prompt_len >= data.max_seq_len:
                     problem = (
                         f"prompt is {prompt_len} tokens, max_seq_len is {data.max_seq_len}: "
                         "no completion token would be trained"
@@ -236,6 +256,8 @@ def load_splits(recipe: Recipe, measure: LengthFn | None = None) -> Splits:
         reports.append(vreport)
     else:
         train, validation = split_rows(train, data.val_split, data.seed)
+    if data.max_samples is not None:
+        train = train[: data.max_samples]
     return Splits(train=train, validation=validation, reports=reports, labels=labels)
 
 
@@ -251,31 +273,83 @@ def validate_data(recipe: Recipe, tokenizer: Any = None) -> list[DataReport]:
 # Tokenizer: chat template, pad token, and the contract saved with every checkpoint
 
 
+def _chat_template(tokenizer: Any, data: DataConfig) -> bool:
+    """data.chat_template: a named template (launcher/data/templates.py, its special tokens
+    added when missing and its end-of-turn made EOS) or Jinja text. True if tokens were added."""
+    named = TEMPLATES.get(data.chat_template or "")
+    if named is None:
+        if data.chat_template:
+            tokenizer.chat_template = data.chat_template
+        return False
+    missing = [t for t in named.special_tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    tokenizer.chat_template = named.jinja
+    if named.end_of_turn and not data.eos_token:
+        tokenizer.eos_token = named.end_of_turn
+    return bool(missing)
+
+
+def _special_token(tokenizer: Any, value: str, path: str) -> None:
+    if value not in tokenizer.get_vocab():
+        raise RecipeError(
+            [
+                Problem(
+                    path, "not a token of the tokenizer", "name a token in its vocabulary", value
+                )
+            ],
+            "data",
+        )
+
+
 def prepare_tokenizer(tokenizer: Any, recipe: Recipe) -> bool:
-    """Set the chat template and a pad token distinct from EOS. True if a token was added
-    (the model's embeddings must then be resized)."""
+    """Set the chat template, the EOS token (data.eos_token) and a pad token distinct from EOS
+    (data.pad_token, else the tokenizer's, else a free candidate, else a new one). True if a
+    token was added (the model's embeddings must then be resized)."""
     data = recipe.data
-    if data.chat_template:
-        tokenizer.chat_template = data.chat_template
+    added = _chat_template(tokenizer, data)
     if get_format(data.format).chat and not tokenizer.chat_template:
         raise RecipeError(
             [
                 Problem(
                     "data.chat_template",
                     f"the tokenizer has no chat template and data.format={data.format} needs one",
-                    "set data.chat_template to a Jinja template (the one vLLM will serve with)",
+                    "set data.chat_template to a Jinja template or one of "
+                    + ", ".join(TEMPLATES)
+                    + " (the one vLLM will serve with)",
                 )
             ],
             "data",
         )
+    if data.eos_token:
+        _special_token(tokenizer, data.eos_token, "data.eos_token")
+        tokenizer.eos_token = data.eos_token
     eos = tokenizer.eos_token_id
+    if data.pad_token:
+        if data.pad_token == tokenizer.eos_token:
+            raise RecipeError(
+                [
+                    Problem(
+                        "data.pad_token",
+                        "equals the EOS token: padding would be masked where EOS is trained",
+                        "name another token, or remove it (a free one is chosen)",
+                        data.pad_token,
+                    )
+                ],
+                "data",
+            )
+        if data.pad_token in tokenizer.get_vocab():
+            tokenizer.pad_token = data.pad_token
+            return added
+        tokenizer.add_special_tokens({"pad_token": data.pad_token})
+        return True
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
-        return False
+        return added
     vocab = tokenizer.get_vocab()
     for candidate in (tokenizer.unk_token, *PAD_CANDIDATES):
         if candidate and candidate in vocab and vocab[candidate] != eos:
             tokenizer.pad_token = candidate
-            return False
+            return added
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return True
 

@@ -2,8 +2,12 @@
 atomic checkpoints, the token count. The training loop itself stays theirs.
 
 - MetricsCallback: rank 0 appends one JSON line per log event to RUN_DIR/metrics.jsonl
-  (loss, learning_rate, grad_norm, tokens_per_s, eval_loss, epoch, time, on a GPU
-  peak_memory_gib, and any other metric the trainer logs) and writes a readable line to its log.
+  (loss, learning_rate, grad_norm, tokens_per_s, eval_loss, epoch, time, total_steps,
+  elapsed_s, eta_s, on a GPU peak_memory_gib, on a CPU host peak_rss_gib, and any other
+  metric the trainer logs), shows one progress line per log (launcher/train/progress.py) in
+  the terminal and its log, and writes the raw record to its log only.
+- trainer_class's trainers drop transformers' tqdm bar and printed log dicts: the progress
+  line replaces them in the terminal; the raw values stay in the rank's log.
 - trainer_class(base, hooks): a subclass of the given trainer class whose `_save_checkpoint`
   is atomic (launcher/train/checkpoint.py) and whose `compute_loss` applies train.nan_policy
   (RunHooks.finite_loss).
@@ -30,9 +34,11 @@ from transformers import TrainerCallback
 
 from launcher.rundir import RunDir
 from launcher.train import checkpoint, faults
+from launcher.train.progress import progress_line
 
 log = logging.getLogger(__name__)
-metrics_log = logging.getLogger("metrics")  # the log file only: the progress bar shows them
+metrics_log = logging.getLogger("metrics")  # the log file only: the progress line shows them
+progress_log = logging.getLogger("launcher.train.progress")  # the terminal and the log file
 
 CONTRACT_KEYS = (
     "step",
@@ -54,9 +60,11 @@ class MetricsCallback(TrainerCallback):
     def __init__(self, run: RunDir) -> None:
         self.run = run
         self._last: tuple[float, int] | None = None
+        self._began: tuple[float, int] = (time.monotonic(), 0)  # when, from which step
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._last = (time.monotonic(), state.num_input_tokens_seen or 0)
+        self._began = (time.monotonic(), state.global_step)
         if state.is_world_process_zero:
             self.rewind(state.global_step)
 
@@ -86,9 +94,12 @@ class MetricsCallback(TrainerCallback):
         record.update({k: v for k, v in logs.items() if isinstance(v, int | float | str | None)})
         record["step"] = state.global_step
         record["time"] = time.time()
+        record |= _timing(self._began, state.global_step, state.max_steps)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             # rank 0's device; what launcher/config/memory.py's per-GPU estimate is compared with
             record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        else:
+            record["peak_rss_gib"] = _peak_rss_gib()
         if "loss" in logs and self._last is not None:
             now, tokens = time.monotonic(), state.num_input_tokens_seen or 0
             elapsed = now - self._last[0]
@@ -103,6 +114,29 @@ class MetricsCallback(TrainerCallback):
             if v is not None and k not in ("time", "step")
         }
         metrics_log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
+        line = progress_line(record)
+        if line:
+            progress_log.info(line)
+
+
+def _timing(began: tuple[float, int], step: int, total: int) -> dict[str, Any]:
+    """total_steps, elapsed_s (since this process began training) and eta_s (at the pace of
+    the steps this process trained)."""
+    elapsed = time.monotonic() - began[0]
+    done = step - began[1]
+    eta = elapsed / done * max(0, total - step) if done > 0 and total else None
+    return {
+        "total_steps": total or None,
+        "elapsed_s": round(elapsed, 1),
+        "eta_s": round(eta, 1) if eta is not None else None,
+    }
+
+
+def _peak_rss_gib() -> float:
+    """This rank's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 def _logged_by(record: dict[str, Any], step: int) -> bool:
@@ -126,6 +160,7 @@ class RunHooks:
     model_loss: bool = False
     skipped: int = 0
     max_consecutive_skips: int = 10
+    samples: Any = None  # launcher/train/samples.py SampleLog, with train.log_samples
     zeroing: bool = False  # the current micro-batch's gradients are being replaced by zeros
     hooked: bool = False
     _consecutive: int = field(default=0, repr=False)
@@ -199,6 +234,7 @@ def trainer_class(base: type, hooks: RunHooks) -> type:
     """base (Trainer, SFTTrainer, DPOTrainer) with atomic checkpoints, the NaN policy and a
     token count that costs one all-reduce per log."""
     from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     # SFT: the model's own loss, through transformers' Trainer (what a plain Trainer script
     # computes and what launcher/config/memory.py models). TRL's fused LM head saves the
@@ -209,6 +245,12 @@ def trainer_class(base: type, hooks: RunHooks) -> type:
     class Tuned(base):
         _staging: str | None = None
         _tokens: torch.Tensor | None = None  # this rank's tokens since the last log
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # MetricsCallback's progress line replaces the tqdm bar and the printed dicts
+            for quiet in (ProgressCallback, PrinterCallback):
+                self.remove_callback(quiet)
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             # every rank calls log() for a training-loss log (right after the Trainer's own
@@ -256,6 +298,8 @@ def trainer_class(base: type, hooks: RunHooks) -> type:
             )
             if not model.training:
                 return result
+            if hooks.samples is not None:
+                hooks.samples.record(self.state.global_step + 1, inputs)
             tokens = tokens_in(inputs)
             if tokens is not None:
                 self._tokens = tokens if self._tokens is None else self._tokens + tokens

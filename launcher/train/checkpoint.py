@@ -135,6 +135,7 @@ def save_atomically(
         elif not any(staged.glob("global_step*")):
             check_weights(staged)
         write_extras(trainer, staged)
+        shutil.copyfile(run.plan_file, RunDir.checkpoint_plan(staged))  # what a resume compares
         RunDir.publish(staged, final, {"step": step})
         with contextlib.suppress(OSError):
             run.staging.rmdir()  # when empty

@@ -1,7 +1,8 @@
 """The rank's data: the tokenizer, and the validated splits as Arrow files every rank shares.
 
 Every rank reads, validates, converts and splits the same files the same way
-(launcher/data/rows.py); rank 0 writes the splits into RUN_DIR/data_cache and every rank
+(launcher/data/rows.py), conversations tokenized with a loss mask over their assistant turns
+(launcher/data/turns.py); rank 0 writes the splits into RUN_DIR/data_cache and every rank
 memory-maps them. Only rank 0 logs the data report and writes RUN_DIR/data_report.json.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from launcher.config.plan import Plan
 from launcher.data import rows
+from launcher.data.formats import get_format
 from launcher.rundir import RunDir
 from launcher.train.preflight import barrier
 
@@ -50,9 +52,14 @@ def load_data(plan: Plan, run: RunDir, tokenizer: Any, main: bool) -> RankData:
         report_text = json.dumps([r.to_dict() for r in splits.reports], indent=2)
         run.data_report_file.write_text(report_text)
     labels = splits.labels
+    train, validation = splits.train, splits.validation
+    if get_format(plan.recipe.data.format).turns:
+        # every assistant turn trained, not only the last (launcher/data/turns.py)
+        tokenize = rows.tokenized_turns(tokenizer, plan.recipe.data)
+        train, validation = [tokenize(r) for r in train], [tokenize(r) for r in validation]
     return RankData(
-        train=shared_dataset(run, "train", splits.train, main),
-        validation=shared_dataset(run, "validation", splits.validation, main),
+        train=shared_dataset(run, "train", train, main),
+        validation=shared_dataset(run, "validation", validation, main),
         labels=labels,
         num_labels=len(labels) if labels else plan.recipe.model.num_labels,
     )

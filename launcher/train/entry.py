@@ -63,16 +63,19 @@ def train(plan: Plan, run: RunDir, rank: int) -> None:
     """One rank's run, top to bottom."""
     from launcher.train import callbacks
     from launcher.train import model as modeling
+    from launcher.train import resume as resuming
     from launcher.train.preemption import SaveOnSignal
+    from launcher.train.samples import SampleLog
     from launcher.train.trainers import build_trainer
 
     recipe, main = plan.recipe, rank == 0
     setup(plan, run)
     resume = resume_point(run, main)
+    universal = resuming.prepare(plan, resume, main)  # another world size wrote it (ZeRO)
     tokenizer, added_tokens = load_tokenizer(plan)
     data = load_data(plan, run, tokenizer, main)
     # the arguments before the model: under ZeRO-3 they make from_pretrained partition it
-    args = training_args(plan, run, has_eval=data.validation is not None)
+    args = training_args(plan, run, has_eval=data.validation is not None, universal=universal)
     net, lora = modeling.build_model(plan, tokenizer, added_tokens, data)
     if modeling.uses_every_adapter(plan, net):
         args.ddp_find_unused_parameters = False
@@ -87,12 +90,19 @@ def train(plan: Plan, run: RunDir, rank: int) -> None:
     )
     on_signal = SaveOnSignal()
     extra_callbacks: list[Any] = [callbacks.MetricsCallback(run), on_signal]
+    rescale = resuming.schedule_callback(plan, resume)  # a resume with a new learning rate
+    if rescale is not None:
+        extra_callbacks.append(rescale)
+    if universal:
+        extra_callbacks.append(resuming.SeparateStepCounters())
     if recipe.train.early_stopping_patience and data.validation is not None:
         import transformers
 
         patience = recipe.train.early_stopping_patience
         extra_callbacks.append(transformers.EarlyStoppingCallback(patience))
     trainer = build_trainer(plan, net, lora, args, data, tokenizer, hooks, extra_callbacks)
+    if recipe.train.log_samples:
+        hooks.samples = SampleLog(run, rank, trainer.train_dataset)
     if main:
         log_start(plan, trainer, modeling.count_trainable(trainer.model))
 
@@ -126,12 +136,15 @@ def setup(plan: Plan, run: RunDir) -> None:
 
 
 def resume_point(run: RunDir, main: bool) -> Checkpoint | None:
-    """The last complete checkpoint; rank 0 first removes partial ones (a crash mid-save)."""
-    from launcher.train import checkpoint
+    """The last complete checkpoint; rank 0 first removes partial ones (a crash mid-save)
+    and the sample-log lines of steps after it."""
+    from launcher.train import checkpoint, samples
 
     if main:
         for path in checkpoint.clean_partial(run):
             log.warning("removed incomplete checkpoint %s", path)
+        last = run.last_complete_checkpoint()
+        samples.rewind(run, last.step if last else 0)
     barrier()
     resume = run.last_complete_checkpoint()
     if resume and main:

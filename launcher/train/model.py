@@ -66,8 +66,15 @@ def build_model(plan: Plan, tokenizer: Any, added_tokens: bool, data: RankData) 
     if added_tokens:
         net.resize_token_embeddings(len(tokenizer))
     net.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(net, "generation_config", None) is not None:
-        net.generation_config.pad_token_id = tokenizer.pad_token_id
+    generation = getattr(net, "generation_config", None)
+    if generation is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+        # generation stops at the tokenizer's EOS (data.eos_token, a named chat template's
+        # end of turn) as well as at the model's own
+        eos = generation.eos_token_id
+        known = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in known:
+            generation.eos_token_id = [tokenizer.eos_token_id, *known]
     return net, peft_config(plan, net)
 
 

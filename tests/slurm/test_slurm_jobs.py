@@ -125,7 +125,7 @@ def submit_fake(plan: Plan, monkeypatch: pytest.MonkeyPatch, **knobs: str) -> st
     for key, value in {**ENV, **knobs}.items():
         monkeypatch.setenv(key, value)  # sbatch exports the submitting environment
     write_plan(plan)  # the run directory, as the pipeline writes it before submitting
-    backend = SlurmBackend()
+    backend = SlurmBackend(("train",))  # the stand-in trains; no merge or eval job after it
     assert backend.submit(backend.prepare(plan)) == 0
     return json.loads((Path(plan.run_dir) / "job.json").read_text())["job_id"]
 
@@ -326,7 +326,8 @@ def test_failing_training_reports_failed_with_the_error(tmp_path: Path) -> None:
 
 def test_preemption_of_real_training_resumes_without_gap(tmp_path: Path) -> None:
     """submitit's preemption (SIGTERM, then USR2) of a real 2-node run: requeued, resumed
-    from its last complete checkpoint on a new rendezvous port, completed."""
+    from its last complete checkpoint on a new rendezvous port, completed. The merge job
+    chained after it keeps waiting through the requeue and merges the final adapter."""
     import submitit
 
     run = tmp_path / "run"
@@ -336,7 +337,8 @@ def test_preemption_of_real_training_resumes_without_gap(tmp_path: Path) -> None
             "-m",
             "launcher.cli",
             str(ROOT / "recipes/quickstart.yaml"),
-            *QUICK,
+            *QUICK[:-1],
+            "train,merge",
             "--wait",
             "--set",
             "train.max_steps=10",
@@ -371,3 +373,5 @@ def test_preemption_of_real_training_resumes_without_gap(tmp_path: Path) -> None
     assert "requeued 1x" in output, output
     assert re.search(r"resuming from \S+checkpoint-[369]\b", _log(run)), "no resume"
     assert (run / "final" / "adapter_model.safetensors").stat().st_size > 0
+    assert re.search(r"merge: job \d+ COMPLETED", output), output
+    assert RunDir.is_complete(run / "merged")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -43,10 +44,15 @@ def test_llama8b_lora_ddp_by_hand() -> None:
     grads = 41_943_040 * 2
     optim = 41_943_040 * 8  # two fp32 Adam moments
     s, b, h, a = 2048, 2, 4096, 32
-    acts = 32 * 2 * s * b * h + s * b * h * (34 + 5 * a * s / h) + b * s * 128256 * 10
+    # sdpa (the default attention) never stores the s x s scores: 34*s*b*h per layer
+    acts = 32 * 2 * s * b * h + s * b * h * 34 + b * s * 128256 * 10
     total = weights + grads + optim + acts + GIB
     assert est["per_gpu_gib"] == pytest.approx(total / GIB, abs=1e-3)
     assert est["breakdown_gib"]["weights"] == pytest.approx(weights / GIB, abs=1e-3)
+    # eager attention stores them: 5*a*s^2*b more in the one layer held in full
+    eager = estimate(replace(LLAMA8B_LORA, attention="eager"))
+    scores = 5 * a * s * s * b
+    assert eager["per_gpu_gib"] == pytest.approx((total + scores) / GIB, abs=1e-3)
 
 
 def test_zero3_qlora_shards_weights_over_world() -> None:
@@ -74,3 +80,26 @@ def test_zero3_qlora_shards_weights_over_world() -> None:
         replace(qlora, strategy="zero3", world_size=16, gradient_checkpointing=False)
     )
     assert no_ckpt["breakdown_gib"]["activations"] > 5 * z3["breakdown_gib"]["activations"]
+
+
+def test_long_sequences_are_planned_with_the_attention_kernel_and_named_as_the_fix(
+    tmp_path: Path,
+) -> None:
+    """An 8B LoRA recipe at 8192 tokens without checkpointing: eager attention's seq^2 scores
+    are 320 GiB of it, sdpa's estimate has none, and the advice names the sequence length
+    (with what it saves) because activations dominate."""
+    from launcher.config.plan import ClusterFacts, resolve
+    from launcher.config.recipe import load_recipe
+
+    recipe_file = Path(__file__).resolve().parents[2] / "recipes" / "llama8b_lora.yaml"
+    sets = ["data.max_seq_len=8192", "train.gradient_checkpointing=false"]
+    facts = ClusterFacts(run_dir=str(tmp_path / "run"))
+    sdpa = resolve(load_recipe(recipe_file, sets), facts)
+    eager = resolve(load_recipe(recipe_file, [*sets, "model.attn_implementation=eager"]), facts)
+    assert sdpa.memory is not None and eager.memory is not None
+    s, b, a, layers = 8192, 2, 32, 32
+    gap = eager.memory["per_gpu_gib"] - sdpa.memory["per_gpu_gib"]
+    assert gap == pytest.approx(layers * 5 * a * s * s * b / GIB, abs=1e-2)
+    warning = next(w for w in sdpa.warnings if "exceeds" in w)
+    assert "data.max_seq_len (8192 now" in warning and "saves" in warning
+    assert "model.attn_implementation=sdpa" in next(w for w in eager.warnings if "exceeds" in w)

@@ -1,0 +1,66 @@
+"""Preference rows in the Argilla / UltraFeedback shape: `chosen` and `rejected` are whole
+conversations that repeat the prompt. DPO must see the prompt once: the repeat is stripped
+when it really is the prompt, and a row whose conversations start elsewhere is refused with
+its line number."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from launcher.config.schema import Recipe
+from launcher.data.rows import load_splits
+from launcher.errors import RecipeError
+
+Q = "Which planet is largest?"
+
+
+def convo(answer: str, question: str = Q) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def recipe(path: Path) -> Recipe:
+    return Recipe.model_validate(
+        {
+            "name": "p",
+            "model": {"name_or_path": "tiny:llama"},
+            "data": {"train": str(path), "format": "preference"},
+        }
+    )
+
+
+def write(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_conversations_that_repeat_the_prompt_train_it_once(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": Q, "chosen": convo("Jupiter"), "rejected": convo("Mars")},  # UltraFeedback
+        {"prompt": [{"role": "user", "content": Q}], "chosen": "Jupiter", "rejected": "Mars"},
+    ]
+    split = load_splits(recipe(write(tmp_path / "p.jsonl", rows)))
+    expected = {
+        "prompt": [{"role": "user", "content": Q}],
+        "chosen": [{"role": "assistant", "content": "Jupiter"}],
+        "rejected": [{"role": "assistant", "content": "Mars"}],
+    }
+    assert split.train == [expected, expected]
+
+
+def test_conversations_that_do_not_repeat_the_prompt_are_refused_by_line(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": Q, "chosen": convo("Jupiter"), "rejected": convo("Mars")},
+        {"prompt": Q, "chosen": convo("Jupiter", "Another question?"), "rejected": "Mars"},
+        {"prompt": Q, "chosen": "Jupiter", "rejected": [{"role": "user", "content": Q}] * 2},
+        {"prompt": Q, "chosen": convo("Jupiter"), "rejected": convo("Jupiter")},
+    ]
+    with pytest.raises(RecipeError) as caught:
+        load_splits(recipe(write(tmp_path / "p.jsonl", rows)))
+    text = caught.value.render()
+    assert "p.jsonl:2" in text and "'chosen' starts with a user turn that is not a repeat" in text
+    assert "p.jsonl:3" in text and "'rejected'" in text
+    assert "p.jsonl:4" in text and "'chosen' equals 'rejected'" in text
+    assert "p.jsonl:1" not in text
