@@ -25,6 +25,7 @@ from typing import Any
 
 from launcher.config.plan import Plan
 from launcher.config.recipe import time_minutes
+from launcher.logs import setup_cli_logging
 from launcher.rundir import RunDir
 
 ALL_STAGES = ("train", "merge", "serve", "eval")
@@ -118,10 +119,8 @@ def say(message: str) -> None:
 
 
 def _setup_logging() -> None:
-    for noisy in ("httpx", "httpx2", "openai"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("submitit").propagate = False  # it logs to the job's output itself
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="[tune-launch] %(message)s")
+    setup_cli_logging(sys.stdout)
 
 
 class StageTask:

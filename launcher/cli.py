@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from launcher.errors import Problem, RecipeError, RunError
 
-COMMANDS = ("run", "plan", "tiny", "merge", "serve", "eval", "status", "logs", "cancel")
+COMMANDS = ("run", "plan", "tiny", "merge", "serve", "eval", "status", "logs", "cancel", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,6 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated stages to run (default: all the recipe enables)",
     )
 
+    sweep = sub.add_parser("sweep", help="run variants of a recipe and compare them")
+    sweep.add_argument("recipe", help="recipe YAML file")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="a field and its values; several --grid: every combination",
+    )
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--sweep-dir", help="where the variants' run directories go")
+    sweep.add_argument("--backend", choices=["local", "slurm"], help="override resources.backend")
+    sweep.add_argument("--max-parallel", type=int, default=1, help="slurm: variants at once")
+
     plan = sub.add_parser("plan", help="print the resolved plan")
     _recipe_flags(plan)
     plan.add_argument("--json", action="store_true", help="print JSON")
@@ -137,30 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace) -> Any:
     """Load, localize and resolve the recipe named in args -> Plan (no torch imported)."""
-    from launcher.config import arch
-    from launcher.config.plan import ClusterFacts, resolve
-    from launcher.config.recipe import load_recipe, localize
+    from launcher.config.load import plan_from_file
 
-    overrides = list(args.overrides)
-    if args.backend:
-        overrides.append(f"resources.backend={args.backend}")
-    recipe = load_recipe(args.recipe, overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node)
-    recipe = localize(recipe, Path(args.recipe).resolve().parent)
-    if args.smoke:
-        from launcher.config.smoke import smoke_recipe
-
-        recipe = smoke_recipe(recipe)
-    run_dir = Path(args.run_dir or recipe.run_dir or Path("runs") / recipe.name).resolve()
-    missing = arch.missing_model(recipe.model.name_or_path)
-    facts = ClusterFacts(
-        run_dir=str(run_dir),
-        python=sys.executable,
-        model_config=arch.read_local_config(recipe.model.name_or_path),
-        cpus=os.cpu_count() or 1,
+    return plan_from_file(
+        args.recipe,
+        list(args.overrides),
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        backend=args.backend,
+        run_dir=args.run_dir,
         smoke=args.smoke,
-        warnings=[f"{missing}: `tune-launch run` refuses to start it"] if missing else [],
     )
-    return resolve(recipe, facts)
 
 
 def _print_plan(plan: Any, as_json: bool) -> None:
@@ -178,20 +178,62 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from launcher.workflow.stages import is_workflow
+
+    if is_workflow(args.recipe):
+        return _run_workflow(args)
     plan = _resolve(args)
     if args.dry_run:
         return _dry_run(plan, args)
     from launcher.config import arch
 
-    missing = arch.missing_model(plan.recipe.model.name_or_path)
-    if missing:  # ranks would download it each, or hang offline: say so before any starts
-        name = plan.recipe.model.name_or_path
-        problem = Problem("model.name_or_path", missing, arch.MISSING_MODEL_FIX, name)
-        raise RecipeError([problem], f"recipe {plan.recipe.name}")
+    arch.refuse_missing_model(plan.recipe.model.name_or_path, plan.recipe.name)
     from launcher.pipeline import run_pipeline
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     return run_pipeline(plan, stages=stages, wait=args.wait, restart=args.restart)
+
+
+def _run_workflow(args: argparse.Namespace) -> int:
+    """A multi-stage workflow file (launcher/workflow/stages.py)."""
+    from launcher.workflow import stages
+
+    path = Path(args.recipe).resolve()
+    unsupported = [f for f in ("nodes", "gpus_per_node", "backend", "smoke") if getattr(args, f)]
+    if unsupported or args.restart:
+        flags = ", ".join(
+            f"--{f.replace('_', '-')}"
+            for f in [*unsupported, *(["restart"] if args.restart else [])]
+        )
+        raise RecipeError(
+            [
+                Problem(
+                    flags,
+                    "not taken by a multi-stage workflow",
+                    "set resources per stage in the workflow file, or --set resources.KEY=VALUE",
+                )
+            ],
+            "usage",
+        )
+    run_dir = Path(args.run_dir or Path("runs") / path.stem).resolve()
+    if args.dry_run:
+        return stages.dry_run(path, run_dir, list(args.overrides))
+    return stages.run_workflow(path, run_dir, list(args.overrides), wait=args.wait)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from launcher.workflow.sweep import run_sweep
+
+    recipe = Path(args.recipe)
+    sweep_dir = Path(args.sweep_dir or Path("runs") / f"{recipe.stem}-sweep").resolve()
+    return run_sweep(
+        recipe,
+        args.grid,
+        list(args.overrides),
+        sweep_dir,
+        backend=args.backend,
+        max_parallel=args.max_parallel,
+    )
 
 
 def _dry_run(plan: Any, args: argparse.Namespace) -> int:
@@ -272,6 +314,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     if args.command == "status":
+        from launcher.workflow import stages, sweep
+
+        if sweep.is_sweep(run_dir):
+            return sweep.print_status(run_dir)
+        if stages.is_workflow_dir(run_dir):
+            return stages.print_status(run_dir)
         return jobs.print_status(run_dir, as_json=args.json)
     if args.command == "cancel":
         return jobs.cancel(run_dir)
@@ -288,6 +336,7 @@ HANDLERS = {
     "status": cmd_jobs,
     "logs": cmd_jobs,
     "cancel": cmd_jobs,
+    "sweep": cmd_sweep,
 }
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 from cluster.base import Backend, JobRecord, backend_named, choose_backend
 from launcher.config.plan import Plan
 from launcher.errors import Problem, RecipeError, RunError
+from launcher.logs import setup_cli_logging
 from launcher.rundir import RunDir, write_plan
 from launcher.tiny import build_base
 
@@ -85,7 +85,7 @@ def run_pipeline(plan: Plan, *, stages: list[str], wait: bool, restart: bool = F
     # SLURM: merge and eval are jobs chained after training (cluster/chain.py) that take the
     # run directory's lock themselves, so the chain is followed (--wait) outside it
     chained = backend is not None and backend.name == "slurm"
-    _setup_logging()
+    setup_cli_logging()
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
     with RunDir(plan.run_dir).lock("tune-launch run"):  # a second run here refuses
         if backend is not None:
@@ -167,12 +167,3 @@ def _print_headline(results: dict[str, Any]) -> None:
     for name, metrics in (results.get("metrics") or {}).items():
         if isinstance(metrics, dict) and "exact_match" in metrics:
             print(f"  {name:>14}: exact match {metrics['exact_match']:.3f}", flush=True)
-
-
-def _setup_logging() -> None:
-    for noisy in ("httpx", "httpx2", "openai"):  # one line per request otherwise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            stream=sys.stderr, level=logging.INFO, format="[tune-launch] %(message)s"
-        )

@@ -13,8 +13,11 @@ Layout (everything a later stage needs is read back from here):
     RUN_DIR/endpoint.json      the endpoint of `tune-launch serve --backend slurm` (job, node, URL)
     RUN_DIR/metrics.jsonl      rank 0: one JSON object per log event
     RUN_DIR/data_report.json   rank 0: what data validation found in each source
+    RUN_DIR/train_facts.json   rank 0: parameters (trainable, total) and rows as trained
     RUN_DIR/eval_classification.json  rank 0: validation accuracy and F1 (classification)
     RUN_DIR/tb/                TensorBoard event files
+    RUN_DIR/wandb/             W&B's run files (train.trackers wandb; offline: `wandb sync` them)
+    RUN_DIR/mlflow.db          MLflow's tracking store (train.trackers mlflow, default URI)
     RUN_DIR/PREEMPTED          {"step": N}: the job saved on its signal and should be requeued
     RUN_DIR/.lock              held by whoever works in the directory (pipeline, merge, eval)
     RUN_DIR/slurm/             submitit's folder: sbatch script, pickles, per-task logs, errors
@@ -120,6 +123,11 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     @property
+    def train_facts_file(self) -> Path:
+        """rank 0: trainable and total parameters, train and validation rows, as trained."""
+        return self.path / "train_facts.json"
+
+    @property
     def data_report_file(self) -> Path:
         return self.path / "data_report.json"
 
@@ -130,6 +138,15 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.path / "tb"
+
+    @property
+    def wandb(self) -> Path:
+        """W&B's files: W&B writes into a wandb/ folder of its WANDB_DIR, the run directory."""
+        return self.path / "wandb"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.path / "mlflow.db"
 
     @property
     def preempted_marker(self) -> Path:

@@ -206,7 +206,8 @@ def build_base(plan: Plan) -> None:
     base = Path(plan.base_model)
     if arch is None or (base / "config.json").is_file():
         return
-    corpus = [plan.recipe.data.train] if Path(plan.recipe.data.train).is_file() else []
+    paths = [Path(source.path) for source in plan.recipe.data.train_sources()]
+    corpus = [str(path) for path in paths if path.is_file()]
     tmp = base.with_name("base.tmp")
     write_tiny(
         arch,

@@ -10,7 +10,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from launcher.config.recipe import Recipe
+from launcher.config.methods import METHODS
+from launcher.config.recipe import Recipe, list_item_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
@@ -25,6 +26,7 @@ def _type(annotation: Any) -> str:
     if origin in (dict, list):
         return f"{origin.__name__}[{', '.join(_type(arg) for arg in args)}]"
     text = str(annotation).replace("typing.", "").replace("Literal", "").replace("NoneType", "null")
+    text = text.replace("launcher.config.schema.", "")  # a section model by its name
     return text.replace("<class '", "").replace("'>", "")
 
 
@@ -44,12 +46,51 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
         desc = (field.description or "").replace("|", "\\|")
         kind = _type(ann).replace("|", "\\|")
         rows.append(f"| `{prefix}{name}` | {kind} | {default} | {desc} |")
+        item = list_item_model(ann)
+        if item is not None:  # the list form's items: data.train[].path, ...
+            rows += _rows(item, f"{prefix}{name}[].")
+    return rows
+
+
+def method_table() -> list[str]:
+    """method.kind: what each method trains, its options, and what merge / serve / eval do
+    with it (launcher/config/methods.py)."""
+    rows = [
+        "",
+        "Methods (`method.kind`):",
+        "",
+        "| method.kind | trains | options | merge | serve | eval |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in METHODS.values():
+        options = []
+        if m.lora:
+            options += ["r", "alpha", "dropout", "use_dora", "use_rslora"]
+        if m.targets:
+            options.append("target_modules")
+        if m.virtual_tokens:
+            options.append("num_virtual_tokens")
+        if m.name == "prompt":
+            options.append("prompt_init_text")
+        if m.quantized:
+            options.append("quant")
+        merge = (
+            "streaming merge"
+            if m.mergeable
+            else ("final/ as it is" if not m.adapter else "no (exit 2)")
+        )
+        serve = "vLLM (merged)" if m.vllm else "no (exit 2)"
+        if m.lora:
+            serve = "vLLM (merged, or LoRA module unless use_dora)"
+        evaluate = "in-process transformers" if m.in_process_eval else "vLLM endpoint"
+        opts = ", ".join(f"`{o}`" for o in options) or "-"
+        rows.append(f"| `{m.name}` | {m.summary} | {opts} | {merge} | {serve} | {evaluate} |")
     return rows
 
 
 def reference() -> str:
     head = ["| field | type | default | meaning |", "|---|---|---|---|"]
-    return "\n".join([BEGIN, *head, *_rows(Recipe, ""), END])
+    return "\n".join([BEGIN, *head, *_rows(Recipe, ""), *method_table(), END])
 
 
 def main() -> int:

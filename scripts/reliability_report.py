@@ -3,6 +3,7 @@
     python scripts/reliability_report.py            # tests/reliability + the referenced tests
     python scripts/reliability_report.py --no-slow-refs   # leave out the referenced slow ones
     python scripts/reliability_report.py --from-xml FILE  # only render an existing junit XML
+                                                          # (the tier's cases; e.g. the suite's)
 
 The tier is pytest over tests/reliability (faults injected for real: signals, a tmpfs, real
 data files, a real SLURM and vLLM) plus the existing tests of other tiers that cover a fault
@@ -70,19 +71,19 @@ REFERENCED_SLOW = {
     "tests/serve/test_serve_server.py::test_binds_localhost_by_default": (
         "serving: binds 127.0.0.1 by default"
     ),
-    "tests/train/test_resume_anywhere.py::test_zero2": (
+    "tests/train/test_resume_anywhere.py::test_zero2_lora_resumes_2_1_2_processes_as_if_uninterrupted": (
         "resume on another world size (2 -> 1 -> 2 processes), local"
     ),
-    "tests/train/test_resume_anywhere.py::test_zero3": (
+    "tests/train/test_resume_anywhere.py::test_zero3_full_resumes_2_1_2_processes_as_if_uninterrupted": (
         "resume on another world size (2 -> 1 -> 2 processes), local"
     ),
-    "tests/train/test_resume_anywhere.py::test_ddp": (
+    "tests/train/test_resume_anywhere.py::test_ddp_qlora_resumes_on_one_process_with_a_new_learning_rate": (
         "resume on another world size (2 -> 1 processes, DDP, a new learning rate), local"
     ),
-    "tests/train/test_resume_anywhere.py::test_a_change": (
+    "tests/train/test_resume_anywhere.py::test_a_change_the_checkpoint_cannot_take_is_refused_before_any_process": (
         "resume under a changed recipe: refused before any process, or applied"
     ),
-    "tests/train/test_resume_anywhere.py::test_restart": (
+    "tests/train/test_resume_anywhere.py::test_restart_starts_over_in_the_same_directory": (
         "resume under a changed recipe: refused before any process, or applied"
     ),
     "tests/slurm/test_slurm_resume.py": "resume on another world size (2 nodes -> 1), SLURM",
@@ -133,6 +134,8 @@ def read_cases(xml_path: Path, referenced: dict[str, str]) -> list[Case]:
         fault = props.get("fault_class") or next(
             (cls for prefix, cls in referenced.items() if nodeid.startswith(prefix)), ""
         )
+        if not fault and "tests/reliability/" not in nodeid:
+            continue  # another tier's test (--from-xml of the whole suite's XML)
         cases.append(Case(nodeid, outcome, float(testcase.get("time", 0)), reason, fault, findings))
     return cases
 

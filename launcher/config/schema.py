@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Dtype = Literal["bf16", "fp16", "fp32"]
-Tracker = Literal["tensorboard"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 SECRET_DEFAULTS = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"]
 
 
@@ -67,16 +67,40 @@ class QuantConfig(Section):
 
 
 class MethodConfig(Section):
-    kind: Literal["full", "lora", "qlora"] = Field(
+    kind: Literal["full", "lora", "qlora", "ia3", "prompt", "prefix"] = Field(
         "lora",
         description="full: train every weight; lora: low-rank adapters; qlora: adapters "
-        "on a 4-bit base.",
+        "on a 4-bit base; ia3: learned scaling vectors on target_modules (IA3); prompt: "
+        "trained virtual-token embeddings before the input (prompt tuning); prefix: trained "
+        "keys/values prepended at every layer (prefix tuning). prompt and prefix cannot be "
+        "merged or served by vLLM: eval generates in-process (launcher/config/methods.py).",
     )
     r: int = Field(16, gt=0, le=4096, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    alpha: float = Field(
+        32, gt=0, description="LoRA alpha (scaling = alpha / r; alpha / sqrt(r) with use_rslora)."
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    use_dora: bool = Field(
+        False,
+        description="lora/qlora: DoRA, the weight split into magnitude and direction, the "
+        "adapter on the direction (one trained magnitude per output feature).",
+    )
+    use_rslora: bool = Field(
+        False, description="lora/qlora: rank-stabilised LoRA, scaling = alpha / sqrt(r)."
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or all-linear."
+        "all-linear",
+        description="Module names to adapt (lora, qlora, ia3), or all-linear. ia3 scales the "
+        "input of the MLP's down projection and the output of every other target.",
+    )
+    num_virtual_tokens: int = Field(
+        20, gt=0, le=1024, description="prompt/prefix: trained virtual tokens."
+    )
+    prompt_init_text: str | None = Field(
+        None,
+        min_length=1,
+        description="prompt: initialise the virtual tokens from this text's embeddings "
+        "(repeated to num_virtual_tokens); default: random.",
     )
     modules_to_save: list[str] = Field(
         default_factory=list,
@@ -85,10 +109,53 @@ class MethodConfig(Section):
     quant: QuantConfig = Field(default_factory=QuantConfig, description="QLoRA 4-bit settings.")
 
 
+class DataSource(Section):
+    """One data source of data.train / data.validation (the list form)."""
+
+    path: str = Field(
+        description="Local jsonl/json/csv/parquet file, or a hub dataset id (owner/name) read "
+        "offline from the Hugging Face cache (`hf download --repo-type dataset owner/name`)."
+    )
+    subset: str | None = Field(
+        None,
+        description="Hub datasets: the configuration (subset) name, e.g. `en`; default: the "
+        "dataset's default configuration.",
+    )
+    split: str = Field(
+        "train",
+        description="Hub datasets: the split, with an optional slice as datasets writes it "
+        "(`train[:20%]`, `train[100:200]`).",
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Training sources only: this source's share of the training mix, relative to the "
+        "other sources' weights (rows repeated or sampled to reach it, by data.seed); give "
+        "every source a weight or none (then every row is used once).",
+    )
+    max_samples: int | None = Field(
+        None,
+        gt=0,
+        description="At most this many rows of this source (its first valid ones, after the "
+        "validation split), before mixing.",
+    )
+    columns: dict[str, str] | None = Field(
+        None,
+        description="Source column -> the format's column for this source; default: data.columns.",
+    )
+
+
+DataSources = str | list[DataSource]
+
+
 class DataConfig(Section):
-    train: str = Field(description="Local jsonl/json/csv/parquet file, or a hub dataset id.")
-    validation: str | None = Field(
-        None, description="Validation source; default: a split of train."
+    train: DataSources = Field(
+        description="Local jsonl/json/csv/parquet file or hub dataset id, or a list of sources "
+        "({path, subset, split, weight, max_samples, columns}) mixed into one training set."
+    )
+    validation: DataSources | None = Field(
+        None,
+        description="Validation source(s), used whole; default: a split of each train source.",
     )
     format: Literal["alpaca", "messages", "text", "preference", "classification"] = Field(
         "alpaca",
@@ -120,7 +187,9 @@ class DataConfig(Section):
         lt=1,
         description="Fraction of train held out for validation (no validation file).",
     )
-    seed: int = Field(42, description="Seed of the train/validation split.")
+    seed: int = Field(
+        42, description="Seed of the train/validation split and of the mix of several sources."
+    )
     completion_only_loss: bool = Field(
         True, description="Loss only on completion tokens for instruction/chat data."
     )
@@ -137,7 +206,7 @@ class DataConfig(Section):
         None,
         gt=0,
         description="Train on at most this many rows (the first valid ones, after the "
-        "validation split); default: all.",
+        "validation split; of several sources, the first of the mix); default: all.",
     )
     num_proc: int | None = Field(
         None,
@@ -159,6 +228,18 @@ class DataConfig(Section):
     )
     text_column: str = Field("text", description="Text column (text/classification formats).")
     label_column: str = Field("label", description="Label column (classification format).")
+
+    def train_sources(self) -> list[DataSource]:
+        """data.train as a list of sources (the single-string form is one source)."""
+        return _sources(self.train)
+
+    def validation_sources(self) -> list[DataSource]:
+        """data.validation as a list of sources ([] when not given)."""
+        return _sources(self.validation) if self.validation else []
+
+
+def _sources(value: DataSources) -> list[DataSource]:
+    return [DataSource(path=value)] if isinstance(value, str) else list(value)
 
 
 class TrainConfig(Section):
@@ -219,8 +300,9 @@ class TrainConfig(Section):
     )
     trackers: list[Tracker] = Field(
         default_factory=lambda: list[Tracker](["tensorboard"]),
-        description="Metric trackers the Trainer reports to ([] for none); metrics.jsonl is "
-        "always written.",
+        description="Metric trackers the Trainer reports to ([] for none): tensorboard "
+        "(RUN_DIR/tb), wandb, mlflow (settings: the tracking section); metrics.jsonl "
+        "is always written.",
     )
     tf32: bool | None = Field(
         None,
@@ -247,6 +329,26 @@ class TrainConfig(Section):
     restarts: int = Field(0, ge=0, le=100, description="Local restarts after a rank dies.")
     min_free_disk: Literal["refuse", "warn"] = Field(
         "refuse", description="When free disk is below the planned checkpoint size."
+    )
+
+
+class TrackingConfig(Section):
+    project: str | None = Field(
+        None, description="W&B project and MLflow experiment name; default: the recipe's name."
+    )
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline: W&B writes the run to RUN_DIR/wandb (upload it later with `wandb "
+        "sync`); online: it streams to W&B, with WANDB_API_KEY from the submitting shell (a "
+        "secret: never written to plans, scripts or logs).",
+    )
+    wandb_entity: str | None = Field(
+        None, description="W&B entity (user or team); default: the API key's own."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking store: a database (sqlite:///path.db, postgresql://...) or "
+        "a tracking server (http://host:5000); default: sqlite:///RUN_DIR/mlflow.db.",
     )
 
 
@@ -377,6 +479,11 @@ class EvalConfig(Section):
     max_tokens: int = Field(32, gt=0, description="Generation budget per example.")
     few_shot: int = Field(3, ge=0, description="Examples in the base few-shot baseline.")
     compare_base: bool = Field(True, description="Also score the base model (and few-shot).")
+    baseline_model: str | None = Field(
+        None,
+        description="The model scored as the base (default: the run's base model; a "
+        "multi-stage workflow sets the first stage's, so the last stage is compared with it).",
+    )
     lm_eval_tasks: list[str] = Field(
         default_factory=list, description="lm-evaluation-harness tasks, when lm-eval is installed."
     )
@@ -392,6 +499,9 @@ class Recipe(Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Tracker settings (train.trackers)."
+    )
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)

@@ -1,9 +1,10 @@
 """Reading data files row by row, keeping each row's number for error messages.
 
 jsonl (one object per line), json (a list of objects), csv (with a header), parquet, or a
-hub dataset id (datasets.load_dataset, when the hub is reachable). Rows that cannot be read
-(malformed JSON, bytes that are not UTF-8, a line over MAX_ROW_BYTES, wrong shapes) come back
-as RowProblems with their 1-based line (jsonl, csv) or item (json, parquet) number; a UTF-16/32
+hub dataset id with its subset and split (read offline from the local Hugging Face cache, never
+downloaded: a dataset not there is a RecipeError naming the `hf download` that fetches it).
+Rows that cannot be read (malformed JSON, bytes that are not UTF-8, a line over MAX_ROW_BYTES,
+wrong shapes) come back as RowProblems with their 1-based line (jsonl, csv) or item (json, parquet) number; a UTF-16/32
 file is one problem at line 1; a missing or empty file, or a directory, is a RecipeError.
 """
 
@@ -154,33 +155,86 @@ def _read_parquet(path: Path, name: str) -> tuple[list[tuple[int, Row]], list[Ro
     return [(i, row) for i, row in enumerate(table.to_pylist(), start=1)], []
 
 
-def _read_hub(source: str) -> list[tuple[int, Row]]:
-    try:
-        import datasets
+HUB_FIX = (
+    "download it first on a host with network access: `hf download --repo-type dataset {id}` "
+    "(into the cache the nodes share: HF_HOME / HF_HUB_CACHE), or give a local file"
+)
 
-        split = datasets.load_dataset(source, split="train")
-    except Exception as exc:  # offline, missing, gated: all the same to a user
-        raise RecipeError(
-            [
-                Problem(
-                    "data",
-                    f"cannot load dataset {source!r}: {type(exc).__name__}: {str(exc)[:200]}",
-                    "use a local jsonl/json/csv/parquet file, or check the dataset id, the network "
-                    "(HF_HUB_OFFLINE) and HF_TOKEN",
-                    source,
-                )
-            ],
-            "data",
+
+def _hub_problem(field_name: str, message: str, fix: str, value: str) -> RecipeError:
+    return RecipeError([Problem(field_name, message, fix, value)], "data")
+
+
+def _load_offline(dataset_id: str, subset: str | None, split: str) -> Any:
+    """The split of a hub dataset without any network: from its snapshot in the hub cache
+    (what `hf download --repo-type dataset` leaves), else from the datasets cache of an earlier
+    `datasets.load_dataset` (HF_DATASETS_CACHE). LookupError when it is in neither."""
+    from unittest import mock
+
+    import datasets
+    import huggingface_hub
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(dataset_id, repo_type="dataset", local_files_only=True)
+    except (huggingface_hub.errors.LocalEntryNotFoundError, ValueError):
+        folder = None
+    if folder is not None:
+        return datasets.load_dataset(folder, subset, split=split)
+    # offline for this call even when the environment says otherwise: never a network wait
+    with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True):
+        try:
+            return datasets.load_dataset(dataset_id, subset, split=split)
+        except (ConnectionError, FileNotFoundError) as exc:
+            raise LookupError(str(exc)) from None
+
+
+def _read_hub(
+    dataset_id: str, subset: str | None, split: str, field_name: str
+) -> list[tuple[int, Row]]:
+    """A hub dataset's rows, read offline from the local Hugging Face cache."""
+    if dataset_id.count("/") > 1 or dataset_id.startswith(("/", ".", "~")):
+        raise _hub_problem(
+            field_name,
+            "neither a local data file nor a hub dataset id (owner/name)",
+            "check the path (jsonl, json, csv or parquet) or the dataset id",
+            dataset_id,
+        )
+    try:
+        rows = _load_offline(dataset_id, subset, split)
+    except LookupError:
+        raise _hub_problem(
+            field_name,
+            f"hub dataset {dataset_id} is not in the Hugging Face cache (datasets are read "
+            "offline)",
+            HUB_FIX.format(id=dataset_id),
+            dataset_id,
         ) from None
-    return [(i, dict(row)) for i, row in enumerate(split, start=1)]
+    except ValueError as exc:  # an unknown subset or split, a bad slice
+        raise _hub_problem(
+            field_name,
+            f"cannot read {dataset_id} (subset {subset or 'default'}, split {split}): "
+            f"{str(exc)[:300]}",
+            "name a subset and a split the dataset has (a slice as train[:20%])",
+            dataset_id,
+        ) from None
+    except Exception as exc:  # a corrupt or unreadable cache: all the same to a user
+        raise _hub_problem(
+            field_name,
+            f"cannot read {dataset_id}: {type(exc).__name__}: {str(exc)[:200]}",
+            HUB_FIX.format(id=dataset_id),
+            dataset_id,
+        ) from None
+    return [(i, dict(row)) for i, row in enumerate(rows, start=1)]
 
 
 def read_rows(
-    source: str, field_name: str = "data.train"
+    source: str, field_name: str = "data.train", *, subset: str | None = None, split: str = "train"
 ) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
-    """(row number, row) pairs and unreadable rows. RecipeError: missing or empty file."""
+    """(row number, row) pairs and unreadable rows. RecipeError: missing or empty file, a hub
+    dataset not in the local cache. `subset` and `split` are a hub dataset's."""
     if not is_local(source) and not Path(source).exists():
-        return _read_hub(source), []
+        return _read_hub(source, subset, split, field_name), []
     path = Path(source).expanduser()
     if path.is_dir():
         raise RecipeError(

@@ -13,14 +13,15 @@ import json
 import logging
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from launcher.config.schema import DataConfig, Recipe
+from launcher.config.schema import DataConfig, DataSource, Recipe
 from launcher.data.files import RowProblem, is_local, read_rows
 from launcher.data.formats import Row, class_label, get_format
 from launcher.data.mapping import remap
+from launcher.data.mix import mix
 from launcher.data.templates import TEMPLATES
 from launcher.data.turns import TurnError, conversation, tokenize_turns
 from launcher.errors import Problem, RecipeError
@@ -42,9 +43,12 @@ class DataReport:
     duplicates: int = 0  # kept: repeated rows are often intended (upsampling)
     over_long: int = 0  # longer than max_seq_len in tokens: truncated
     measured: bool = False  # whether token lengths were checked
+    role: str = "train"  # train or validation
+    weight: float | None = None  # data.train[i].weight
+    used: int | None = None  # rows of this source in the split trained (or evaluated) on
 
     def summary(self) -> str:
-        parts = [f"{self.source}: {self.read} rows, {self.valid} valid"]
+        parts = [f"{self.source} ({self.role}): {self.read} rows, {self.valid} valid"]
         if self.problems:
             parts.append(f"{len(self.problems)} invalid")
         if self.duplicates:
@@ -53,11 +57,18 @@ class DataReport:
             parts.append(f"{self.over_long} longer than max_seq_len (truncated)")
         else:
             parts.append("token lengths not checked (no tokenizer yet)")
+        if self.used is not None:
+            weight = f", weight {self.weight:g}" if self.weight is not None else ""
+            into = "the training mix" if self.role == "train" else "validation"
+            parts.append(f"{self.used} in {into}{weight}")
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
+            "role": self.role,
+            "weight": self.weight,
+            "used": self.used,
             "read": self.read,
             "valid": self.valid,
             "invalid": len(self.problems),
@@ -132,8 +143,19 @@ def tokenized_turns(tokenizer: Any, data: DataConfig) -> Callable[[Row], dict[st
 # Validation of a whole source
 
 
+def source_name(source: DataSource) -> str:
+    """How reports name a source: a file's name, or a hub id with its subset and split."""
+    if is_local(source.path) or Path(source.path).exists():
+        return Path(source.path).name
+    return f"{source.path} ({source.subset or 'default'}, {source.split})"
+
+
+def _read(source: DataSource, field_name: str) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
+    return read_rows(source.path, field_name, subset=source.subset, split=source.split)
+
+
 def check_source(
-    source: str,
+    source: str | DataSource,
     data: DataConfig,
     *,
     num_labels: int | None,
@@ -142,8 +164,12 @@ def check_source(
     labels: dict[str, int] | None = None,
 ) -> tuple[list[Row], DataReport, dict[str, int] | None]:
     """Read and validate one source: (valid rows as trainer rows, report, string-label ids)."""
-    numbered, problems = read_rows(source, field_name)
-    name = Path(source).name if is_local(source) else source
+    if isinstance(source, str):
+        source = DataSource(path=source)
+    if source.columns is not None:  # this source's own column names
+        data = data.model_copy(update={"columns": source.columns})
+    numbered, problems = _read(source, field_name)
+    name = source_name(source)
     report = DataReport(source=name, read=len(numbered) + len(problems))
     fmt = get_format(data.format)
     if fmt.trainer == "classification" and labels is None:
@@ -236,29 +262,69 @@ def split_rows(rows: list[Row], val_split: float, seed: int) -> tuple[list[Row],
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
+def _field(name: str, value: object, index: int) -> str:
+    """The field path of one source: data.train for the string form, data.train.0 in a list."""
+    return name if isinstance(value, str) else f"{name}.{index}"
+
+
+def _labels_across(sources: list[DataSource], data: DataConfig) -> dict[str, int] | None:
+    """String labels -> ids over every training source (classification with several)."""
+    rows: list[Row] = []
+    for i, source in enumerate(sources):
+        own = data.model_copy(update={"columns": source.columns}) if source.columns else data
+        numbered, _ = _read(source, _field("data.train", data.train, i))
+        rows += [remap(row, own) for _, row in numbered]
+    return label_mapping(rows, data)
+
+
 def load_splits(recipe: Recipe, measure: LengthFn | None = None) -> Splits:
-    """Read, validate (RecipeError per data.invalid_rows), convert and split the recipe's data."""
+    """Read, validate (RecipeError per data.invalid_rows), convert, split and mix the recipe's
+    data: each training source split (data.val_split) and capped (its max_samples), then the
+    sources mixed by their weights (launcher/data/mix.py), then capped by data.max_samples."""
     data = recipe.data
     num_labels = recipe.model.num_labels
-    train, report, labels = check_source(data.train, data, num_labels=num_labels, measure=measure)
-    _fail_or_warn(report, data, "data.train")
-    reports = [report]
-    if data.validation:
-        validation, vreport, _ = check_source(
-            data.validation,
+    sources = data.train_sources()
+    labels = None
+    if get_format(data.format).trainer == "classification" and len(sources) > 1:
+        labels = _labels_across(sources, data)
+    parts: list[list[Row]] = []
+    validation: list[Row] = []
+    reports: list[DataReport] = []
+    for i, source in enumerate(sources):
+        field_name = _field("data.train", data.train, i)
+        rows, report, labels = check_source(
+            source,
             data,
             num_labels=num_labels,
             measure=measure,
-            field_name="data.validation",
+            field_name=field_name,
             labels=labels,
         )
-        _fail_or_warn(vreport, data, "data.validation")
-        reports.append(vreport)
-    else:
-        train, validation = split_rows(train, data.val_split, data.seed)
-    if data.max_samples is not None:
-        train = train[: data.max_samples]
-    return Splits(train=train, validation=validation, reports=reports, labels=labels)
+        _fail_or_warn(report, data, field_name)
+        if not data.validation:
+            rows, held = split_rows(rows, data.val_split, data.seed)
+            validation += held
+        parts.append(rows[: source.max_samples])
+        reports.append(replace(report, weight=source.weight))
+    for i, source in enumerate(data.validation_sources()):
+        field_name = _field("data.validation", data.validation, i)
+        rows, report, _ = check_source(
+            source,
+            data,
+            num_labels=num_labels,
+            measure=measure,
+            field_name=field_name,
+            labels=labels,
+        )
+        _fail_or_warn(report, data, field_name)
+        validation += rows[: source.max_samples]
+        reports.append(replace(report, role="validation", used=len(rows[: source.max_samples])))
+    mixed = mix(parts, [s.weight for s in sources], data.seed)[: data.max_samples]
+    for i, report in enumerate(reports[: len(sources)]):
+        report.used = sum(1 for origin, _ in mixed if origin == i)
+    return Splits(
+        train=[row for _, row in mixed], validation=validation, reports=reports, labels=labels
+    )
 
 
 def validate_data(recipe: Recipe, tokenizer: Any = None) -> list[DataReport]:

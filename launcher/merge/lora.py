@@ -2,8 +2,9 @@
 
 W' = W + scale * B @ A for every adapted weight (scale = alpha / r, alpha / sqrt(r) with
 rslora, per-module alpha from alpha_pattern; transposed for fan_in_fan_out and embeddings),
+with DoRA then W' = m / ||W'||_row * W' (peft's DoraLinearVariant.merge_safe),
 b' = b + scale * lora_B.bias with lora_bias, and the tensors of modules_to_save replaced by
-the trained ones. For QLoRA the weights bitsandbytes quantizes at load can first go through
+the trained ones. IA3 adapters (launcher/merge/ia3.py) bind the same way: W' = W * l. For QLoRA the weights bitsandbytes quantizes at load can first go through
 quantize_4bit/dequantize_4bit (`nf4_roundtrip_fn`, `quantized_weights`).
 
 Memory: the adapter is loaded whole (it is small). The base is read one tensor at a time
@@ -44,6 +45,7 @@ PEFT_PREFIX = "base_model.model."
 MODEL_PREFIX = {"llama": "model", "mistral": "model", "qwen2": "model", "distilbert": "distilbert"}
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_A|lora_B)\.(?P<param>weight|bias)$")
 _EMB_KEY = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
+_DORA_KEY = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(\.weight)?$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,20 +62,34 @@ class LoraWeight:
     bias: torch.Tensor | None = None  # lora_B.bias (lora_bias=True): b' = b + scale * bias
     scale: float = 1.0
     transpose: bool = False
+    magnitude: torch.Tensor | None = None  # DoRA: one trained norm per output feature
 
     def add_to(self, weight: torch.Tensor) -> torch.Tensor:
-        """weight (fp32, modified in place) + scale * B @ A."""
+        """weight (fp32, modified in place) + scale * B @ A, rescaled to DoRA's magnitude."""
         assert self.a is not None and self.b is not None
         target = weight.t() if self.transpose else weight
         target.addmm_(self.b.float(), self.a.float(), alpha=self.scale)
+        if self.magnitude is not None:  # peft: magnitude / ||W + delta|| along each row
+            norm = torch.linalg.norm(weight, dim=1)
+            weight.mul_((self.magnitude.float() / norm).view(-1, 1))
         return weight
+
+    def changes_bias(self, base_has_bias: bool) -> bool:
+        """lora_bias=True trains lora_B.bias (the base must have a bias to add it to)."""
+        return self.bias is not None
+
+    def bias_of(self, bias: torch.Tensor) -> torch.Tensor:
+        """The merged bias (fp32): b + scale * lora_B.bias."""
+        assert self.bias is not None
+        return bias.float() + self.scale * self.bias.float()
 
 
 @dataclass
 class Adapter:
-    """A peft LoRA adapter: module name -> LoraWeight, parameter name -> replacement tensor."""
+    """A peft adapter: module name -> its weight change (LoraWeight, or ia3.Ia3Weight),
+    parameter name -> replacement tensor."""
 
-    lora: dict[str, LoraWeight]
+    lora: dict[str, Any]
     replace: dict[str, torch.Tensor]  # modules_to_save / trained biases, by parameter name
 
 
@@ -95,9 +111,12 @@ def load_adapter(final: Path) -> Adapter:
             f"adapter_model.safetensors{hint}. Has training finished? (`tune-launch status`)"
         )
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if cfg.get("peft_type") == "IA3":
+        from launcher.merge.ia3 import load_ia3
+
+        return load_ia3(cfg, weights)
     refuse = {
         "peft_type": cfg.get("peft_type", "LORA") != "LORA",
-        "use_dora": bool(cfg.get("use_dora")),
         "target_parameters": bool(cfg.get("target_parameters")),
         "trainable_token_indices": bool(cfg.get("trainable_token_indices")),
         "layer_replication": bool(cfg.get("layer_replication")),
@@ -106,9 +125,9 @@ def load_adapter(final: Path) -> Adapter:
     if bad:
         raise RunError(
             f"{cfg_path}: {', '.join(f'{k}={cfg.get(k)!r}' for k in bad)} is not supported by "
-            "the streaming merge (plain LoRA only; DoRA's magnitude rescaling is not merged "
-            "here). Serve the adapter unmerged (serve.mode=lora) or merge with peft's "
-            "merge_and_unload() on a machine with enough RAM for the whole model"
+            "the streaming merge (LoRA, DoRA, rsLoRA and IA3 only). Serve the adapter "
+            "unmerged (serve.mode=lora) or merge with peft's merge_and_unload() on a machine "
+            "with enough RAM for the whole model"
         )
     from safetensors.torch import load_file
 
@@ -120,6 +139,10 @@ def load_adapter(final: Path) -> Adapter:
         if not key.startswith(PEFT_PREFIX):
             raise RunError(f"{weights}: unexpected key {key!r} (not under {PEFT_PREFIX!r})")
         name = key.removeprefix(PEFT_PREFIX)
+        dora = _DORA_KEY.match(name)
+        if dora is not None:
+            lora.setdefault(dora["mod"], LoraWeight(dora["mod"])).magnitude = tensor
+            continue
         match = _LORA_KEY.match(name) or _EMB_KEY.match(name)
         if match is None:
             if ".lora_" in name or "lora_magnitude_vector" in name:
@@ -142,6 +165,11 @@ def load_adapter(final: Path) -> Adapter:
     for mod, entry in lora.items():
         if entry.a is None or entry.b is None:
             raise RunError(f"{weights}: {mod} has only one of lora_A / lora_B")
+        if entry.magnitude is not None and entry.transpose:
+            raise RunError(
+                f"{weights}: DoRA on {mod} (an embedding or a fan_in_fan_out layer) is not "
+                "supported by the streaming merge: merge with peft's merge_and_unload()"
+            )
         r = entry.a.shape[0]
         pattern = _pattern_key(alpha_pattern, mod)
         alpha = float(alpha_pattern[pattern] if pattern else cfg["lora_alpha"])
@@ -169,8 +197,8 @@ def find_key(name: str, specs: dict[str, TensorSpec], prefix: str) -> str | None
 class Bound:
     """An adapter resolved against a checkpoint's keys."""
 
-    lora: dict[str, LoraWeight]  # checkpoint key of a weight -> its LoRA
-    lora_bias: dict[str, LoraWeight]  # checkpoint key of a bias -> its LoRA
+    lora: dict[str, Any]  # checkpoint key of a weight -> its change (add_to)
+    lora_bias: dict[str, Any]  # checkpoint key of a bias -> its change (bias_of)
     replace: dict[str, torch.Tensor]  # checkpoint key -> trained tensor
     extra: dict[str, torch.Tensor]  # trained tensors the base lacks (e.g. a new head)
 
@@ -185,8 +213,8 @@ def bind(adapter: Adapter, specs: dict[str, TensorSpec], prefix: str) -> Bound:
                 "prefix): the adapter was trained on a different base model"
             )
         bound.lora[key] = entry
-        if entry.bias is not None:
-            bias = find_key(f"{mod}.bias", specs, prefix)
+        bias = find_key(f"{mod}.bias", specs, prefix)
+        if entry.changes_bias(bias is not None):
             if bias is None:
                 raise RunError(f"lora_bias for {mod}, but the base has no {mod}.bias")
             bound.lora_bias[bias] = entry
@@ -282,9 +310,7 @@ def _merged(
     if name in bound.lora:
         return bound.lora[name].add_to(tensor.to(torch.float32, copy=True)).to(dtype)
     if name in bound.lora_bias:
-        entry = bound.lora_bias[name]
-        assert entry.bias is not None
-        return (tensor.float() + entry.scale * entry.bias.float()).to(dtype)
+        return bound.lora_bias[name].bias_of(tensor).to(dtype)
     return tensor
 
 

@@ -4,7 +4,11 @@ By method (plan.recipe.method.kind):
 - lora:  base + adapter merged tensor by tensor (launcher/merge/lora.py), written to
          RUN_DIR/merged in model.dtype as safetensors shards of at most merge.shard_size_gb
          plus model.safetensors.index.json, with config, tokenizer and generation config.
-- qlora: the same onto the base read in 16 bits from its safetensors. With merge.nf4_roundtrip
+         DoRA (method.use_dora) rescales each merged row to its trained magnitude; rsLoRA
+         scales by alpha / sqrt(r).
+- ia3:   each adapted weight multiplied by its learned scales (launcher/merge/ia3.py).
+- prompt, prefix: nothing to merge (virtual tokens, not weights): refused, exit 2.
+- qlora: as lora, onto the base read in 16 bits from its safetensors. With merge.nf4_roundtrip
          every weight bitsandbytes quantizes when training loads the base (transformers' rule)
          first goes through quantize_4bit/dequantize_4bit with the training's settings, so the
          merged model equals the 4-bit base + adapter the adapter was trained against.
@@ -30,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from launcher.config.plan import Plan
-from launcher.errors import RunError
+from launcher.errors import Problem, RecipeError, RunError
 from launcher.merge.full import merge_full
 from launcher.merge.inputs import (
     TORCH_DTYPES,
@@ -65,6 +69,7 @@ def merge_run(run_dir: Path, force: bool = False, *, verify_merge: bool | None =
     if not run.has_plan():
         raise RunError(f"{run.path} is not a run directory (no {run.plan_file.name})")
     plan = run.load_plan()
+    refuse_unmergeable(plan)
     with _logging_to(run.merge_log):
         start = time.monotonic()
         if plan.recipe.method.kind == "full":
@@ -79,6 +84,22 @@ def merge_run(run_dir: Path, force: bool = False, *, verify_merge: bool | None =
             peak_rss_mib(),
         )
         return out
+
+
+def refuse_unmergeable(plan: Plan) -> None:
+    """Exit 2 with the reason for a method that changes no weight (prompt/prefix tuning)."""
+    method = plan.method
+    if not method.adapter or method.mergeable:
+        return
+    problem = Problem(
+        "method.kind",
+        f"a {method.name}-tuning adapter trains virtual tokens, not weights: there is nothing "
+        "to merge into the base model",
+        f"use RUN_DIR/final as it is (peft's PeftModel.from_pretrained); evaluate it with "
+        f"`tune-launch eval {plan.run_dir}`",
+        method.name,
+    )
+    raise RecipeError([problem], f"merge {plan.run_dir}")
 
 
 def merge_adapter(plan: Plan, run: RunDir, force: bool, verify_merge: bool | None) -> Path:

@@ -47,6 +47,7 @@ def common_args(plan: Plan, run: RunDir, *, has_eval: bool) -> dict[str, Any]:
         "eval_strategy": (t.eval_strategy or t.save_strategy) if has_eval else "no",
         "eval_steps": plan.eval_steps if has_eval else None,
         "report_to": list(t.trackers) or "none",
+        "run_name": recipe.name,  # the trackers' run name
         # counted by launcher/train/callbacks.py, one all-reduce per log (the Trainer's count
         # gathers every micro-batch)
         "include_num_input_tokens_seen": "no",

@@ -27,6 +27,7 @@ from launcher.config.plan import Plan
 from launcher.data.formats import get_format
 from launcher.errors import RecipeError
 from launcher.rundir import Checkpoint, RunDir
+from launcher.train import tracking
 from launcher.train.args import training_args
 from launcher.train.data import load_data, load_tokenizer
 from launcher.train.preflight import barrier, run_preflight
@@ -104,7 +105,7 @@ def train(plan: Plan, run: RunDir, rank: int) -> None:
     if recipe.train.log_samples:
         hooks.samples = SampleLog(run, rank, trainer.train_dataset)
     if main:
-        log_start(plan, trainer, modeling.count_trainable(trainer.model))
+        log_start(plan, run, trainer, modeling.count_trainable(trainer.model))
 
     result = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
     if main:
@@ -123,13 +124,13 @@ def train(plan: Plan, run: RunDir, rank: int) -> None:
 
 def setup(plan: Plan, run: RunDir) -> None:
     """The process group (pre-flight, and DeepSpeed's view of it: ZeRO-3 partitions weights
-    at load), TensorBoard's folder, and a check that the base model is there."""
+    at load), the trackers' settings, and a check that the base model is there."""
     run_preflight(plan)
     if plan.deepspeed:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if plan.on_gpu else "gloo")
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.tensorboard))
+    tracking.apply(plan)  # the trackers' folders and names, from the plan
     # tiny bases are built by the submitting host before any rank starts (launcher/tiny.py)
     if plan.tiny_arch and not Path(plan.base_model, "config.json").is_file():
         raise RuntimeError(f"{plan.base_model} is missing: start runs with `tune-launch RECIPE`")
@@ -152,8 +153,15 @@ def resume_point(run: RunDir, main: bool) -> Checkpoint | None:
     return resume
 
 
-def log_start(plan: Plan, trainer: Any, trainable: tuple[int, int]) -> None:
+def log_start(plan: Plan, run: RunDir, trainer: Any, trainable: tuple[int, int]) -> None:
     recipe, validation = plan.recipe, trainer.eval_dataset
+    facts = {
+        "trainable_params": trainable[0],
+        "total_params": trainable[1],
+        "train_rows": len(trainer.train_dataset),
+        "validation_rows": len(validation) if validation is not None else 0,
+    }
+    RunDir.write_atomic(run.train_facts_file, json.dumps(facts, indent=2))
     log.info(
         "training %s (%s, %s): %s of %s parameters trainable, %d train / %d validation rows",
         recipe.model.name_or_path,

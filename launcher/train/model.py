@@ -115,28 +115,10 @@ def load_model(
 
 
 def peft_config(plan: Plan, model: Any) -> Any:
-    """LoraConfig for lora/qlora, None for full fine-tuning."""
-    method = plan.recipe.method
-    if method.kind == "full":
-        return None
-    from peft import LoraConfig
+    """The method's peft config (launcher/train/peft_configs.py), None for full fine-tuning."""
+    from launcher.train import peft_configs
 
-    classify = plan.recipe.model.task == "sequence_classification"
-    modules_to_save = list(method.modules_to_save)
-    exclude = None
-    if classify:
-        heads = head_modules(model)
-        modules_to_save += [h for h in heads if h not in modules_to_save]
-        exclude = heads  # trained in full, not adapted
-    return LoraConfig(
-        task_type="SEQ_CLS" if classify else "CAUSAL_LM",
-        r=method.r,
-        lora_alpha=method.alpha,  # type: ignore[arg-type]  # annotated int, used as a number
-        lora_dropout=method.dropout,
-        target_modules=method.target_modules,
-        modules_to_save=modules_to_save or None,
-        exclude_modules=exclude,
-    )
+    return peft_configs.peft_config(plan, model)
 
 
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -149,7 +131,7 @@ def uses_every_adapter(plan: Plan, model: Any) -> bool:
     each token to a few experts, so an adapter on an expert can go unused in a micro-batch."""
     config = getattr(model, "config", None)
     moe = any(getattr(config, key, None) for key in MOE_KEYS)
-    return plan.recipe.method.kind != "full" and not moe
+    return plan.method.adapter and not moe
 
 
 def wrap_peft(model: Any, config: Any, seed: int) -> Any:

@@ -102,6 +102,11 @@ def run(smoke: bool) -> dict[str, Any]:
         "conversion_peak_rss_mb": round(converted.peak_rss_mb),
         "added_per_save": f"plan.json, {plan_kb:.1f} KB",
         "parameters_converted": f"{len(whole)} of {len(params)} with weights and both moments",
+        "headline": {
+            "checkpoint_mb": round(zero_mb, 1),
+            "conversion_s": round(converted.seconds, 1),
+            "per_save_added": f"{plan_kb:.1f} KB",
+        },
         "target": "every parameter converted whole; cost paid per world-size change, not per save",
         "met": bool(params) and len(whole) == len(params),
     }

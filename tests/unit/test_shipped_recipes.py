@@ -11,7 +11,7 @@ import yaml
 from launcher.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+RECIPES = sorted([*(ROOT / "recipes").glob("*.yaml"), *(ROOT / "recipes").glob("cpu/*.yaml")])
 REQUIRED = [
     "llama70b_qlora",
     "llama8b_lora",
@@ -19,6 +19,11 @@ REQUIRED = [
     "mistral7b_qlora",
     "tinyllama_lora",
     "quickstart",
+    "llama8b_dora",
+    "dora",  # recipes/cpu/: one per method
+    "ia3",
+    "prompt",
+    "prefix",
 ]
 
 
@@ -30,7 +35,7 @@ def test_required_recipes_shipped() -> None:
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_header_is_its_launch_command(path: Path) -> None:
     first = path.read_text().splitlines()[0]
-    assert first.startswith(f"# tune-launch recipes/{path.name}")
+    assert first.startswith(f"# tune-launch recipes/{path.relative_to(ROOT / 'recipes')}")
 
 
 def _dry_run(path: Path, run_dir: Path, *extra: str) -> dict:

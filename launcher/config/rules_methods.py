@@ -1,0 +1,126 @@
+"""The method rules (method.kind and its options), run from the one list in rules.py.
+
+Each refusal was seen, not guessed: peft 0.21 raises on the combination, or vLLM's own check
+(vllm/lora/peft_helper.py) refuses the adapter, or the method has no weights to merge.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from launcher.config.methods import get_method
+from launcher.errors import Problem
+
+if TYPE_CHECKING:
+    from launcher.config.rules import Candidate
+
+
+def lora_options_need_lora(c: Candidate) -> list[Problem]:
+    method = c.recipe.method
+    if get_method(method.kind).lora:
+        return []
+    return [
+        Problem(
+            f"method.{name}",
+            f"{name} is a LoRA option; method.kind={method.kind} has no LoRA matrices",
+            "use method.kind=lora or qlora, or remove it",
+            True,
+        )
+        for name in ("use_dora", "use_rslora")
+        if getattr(method, name)
+    ]
+
+
+def virtual_token_options_need_prompt_learning(c: Candidate) -> list[Problem]:
+    method = c.recipe.method
+    problems = []
+    given = method.model_fields_set
+    if "num_virtual_tokens" in given and not get_method(method.kind).virtual_tokens:
+        problems.append(
+            Problem(
+                "method.num_virtual_tokens",
+                f"method.kind={method.kind} trains no virtual tokens",
+                "use method.kind=prompt or prefix, or remove it",
+                method.num_virtual_tokens,
+            )
+        )
+    if method.prompt_init_text is not None and method.kind != "prompt":
+        problems.append(
+            Problem(
+                "method.prompt_init_text",
+                f"only prompt tuning starts from a text (method.kind={method.kind})",
+                "use method.kind=prompt, or remove it",
+                method.prompt_init_text,
+            )
+        )
+    return problems
+
+
+def unmergeable_methods_are_not_merged_or_served(c: Candidate) -> list[Problem]:
+    """Prompt and prefix tuning add inputs, not weight deltas: nothing to fold into the base,
+    and vLLM loads neither. Their eval generates in-process (serve/local_generate.py)."""
+    recipe = c.recipe
+    method = get_method(recipe.method.kind)
+    problems = []
+    if not method.mergeable and method.adapter and recipe.merge.enabled:
+        problems.append(
+            Problem(
+                "merge.enabled",
+                f"method.kind={method.name} trains virtual tokens, not weights: there is "
+                "nothing to merge into the base",
+                "set merge.enabled=false (the adapter in RUN_DIR/final is the result)",
+                True,
+            )
+        )
+    if not method.vllm and recipe.serve.enabled:
+        problems.append(
+            Problem(
+                "serve.enabled",
+                f"vLLM cannot serve a method.kind={method.name} adapter",
+                "set serve.enabled=false; eval.enabled evaluates it in-process with transformers",
+                True,
+            )
+        )
+    return problems
+
+
+def lora_module_serving_is_plain_lora(c: Candidate) -> list[Problem]:
+    """vLLM serves plain LoRA modules only: it refuses DoRA ("vLLM does not yet support
+    DoRA"), and IA3 is no LoRA. Those are served merged."""
+    recipe = c.recipe
+    if recipe.serve.mode != "lora" or not recipe.serve.enabled:
+        return []
+    kind = recipe.method.kind
+    if kind == "ia3" or (get_method(kind).lora and recipe.method.use_dora):
+        what = "IA3" if kind == "ia3" else "DoRA"
+        return [
+            Problem(
+                "serve.mode",
+                f"vLLM cannot load a {what} adapter as a LoRA module",
+                "use serve.mode=merged (the merge folds it into the weights)",
+                "lora",
+            )
+        ]
+    return []
+
+
+def prompt_learning_not_under_zero3(c: Candidate) -> list[Problem]:
+    """Seen on peft 0.21 + DeepSpeed 0.19.8 (2 ranks): the first checkpoint hangs. Saving a
+    prompt/prefix adapter runs the prompt encoder forward on rank 0 alone
+    (PeftModel.get_prompt_embedding_to_save), and under ZeRO-3 that forward all-gathers the
+    encoder's partitioned weight, waiting for ranks that never join."""
+    recipe = c.recipe
+    method = get_method(recipe.method.kind)
+    if not method.virtual_tokens or recipe.distributed.strategy != "zero3":
+        return []
+    return [
+        Problem(
+            "distributed.strategy",
+            f"method.kind={method.name} under ZeRO-3 hangs at the first checkpoint (peft "
+            "saves the virtual tokens with a forward on rank 0 alone, which waits on the "
+            "other ranks to gather the partitioned weights)",
+            "use distributed.strategy=zero2 or ddp: the virtual tokens are small, sharding "
+            "them saves nothing",
+            "zero3",
+        )
+    ]
