@@ -283,16 +283,26 @@ def job_tasks(run: RunDir, job_id: str, count: int) -> list[Any]:
     return [JobPaths(run.slurm, job_id=job_id, task_id=task) for task in range(count)]
 
 
-def outcome(run: RunDir, job_id: str, tasks: int) -> str | None:
-    """What submitit recorded of the job's tasks: "success", "error" or None."""
+def task_result(task: Any) -> tuple[Any, Any] | None:
+    """submitit's (outcome, value) of one task: the result pickle its own job wrote into
+    RUN_DIR/slurm (the one unpickling here); None while there is none or it is half-written."""
     from submitit.core.utils import pickle_load
 
+    try:
+        found = pickle_load(task.result_pickle)
+    except Exception:
+        return None
+    return tuple(found) if isinstance(found, tuple | list) and len(found) == 2 else None
+
+
+def outcome(run: RunDir, job_id: str, tasks: int) -> str | None:
+    """What submitit recorded of the job's tasks: "success", "error" or None."""
     found = None
     for task in job_tasks(run, job_id, tasks):
-        try:
-            result, _ = pickle_load(task.result_pickle)
-        except Exception:  # no pickle, or a half-written one
+        recorded = task_result(task)
+        if recorded is None:
             continue
+        result = recorded[0]
         if result == "error":
             return "error"
         found = found or result
@@ -310,14 +320,12 @@ def job_error(run: RunDir, job_id: str, tasks: int, raw: str) -> str:
     if errors:
         messages = [json.loads(p.read_text())["message"] for p in errors]
         return "; ".join(dict.fromkeys(messages))
-    from submitit.core.utils import pickle_load
-
     paths = job_tasks(run, job_id, tasks)
     for task in paths:
-        try:
-            result, trace = pickle_load(task.result_pickle)
-        except Exception:
+        recorded = task_result(task)
+        if recorded is None:
             continue
+        result, trace = recorded
         if result == "error":
             return error_summary(str(trace)).removeprefix("launcher.errors.RunError: ")
     if raw.startswith("CANCELLED"):

@@ -199,7 +199,9 @@ def _run_workflow(args: argparse.Namespace) -> int:
     from launcher.workflow import stages
 
     path = Path(args.recipe).resolve()
-    unsupported = [f for f in ("nodes", "gpus_per_node", "backend", "smoke") if getattr(args, f)]
+    unsupported = [
+        f for f in ("nodes", "gpus_per_node", "backend", "smoke", "wait") if getattr(args, f)
+    ]
     if unsupported or args.restart:
         flags = ", ".join(
             f"--{f.replace('_', '-')}"
@@ -210,7 +212,9 @@ def _run_workflow(args: argparse.Namespace) -> int:
                 Problem(
                     flags,
                     "not taken by a multi-stage workflow",
-                    "set resources per stage in the workflow file, or --set resources.KEY=VALUE",
+                    "set resources in the workflow file or with --set resources.KEY=VALUE "
+                    "(resources.backend=slurm queues the stages; follow them with "
+                    "`tune-launch status RUN_DIR`); delete RUN_DIR to start over",
                 )
             ],
             "usage",
@@ -218,7 +222,7 @@ def _run_workflow(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path("runs") / path.stem).resolve()
     if args.dry_run:
         return stages.dry_run(path, run_dir, list(args.overrides))
-    return stages.run_workflow(path, run_dir, list(args.overrides), wait=args.wait)
+    return stages.run_workflow(path, run_dir, list(args.overrides))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

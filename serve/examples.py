@@ -66,7 +66,9 @@ def held_out(recipe: Recipe) -> tuple[list[Example], list[Example], str]:
         source = ev.data
     elif splits.validation:
         rows = splits.validation
-        source = data.validation or f"{data.train} (val_split {data.val_split}, seed {data.seed})"
+        held = ", ".join(s.path for s in data.validation_sources())
+        train = ", ".join(s.path for s in data.train_sources())
+        source = held or f"{train} (val_split {data.val_split}, seed {data.seed})"
     else:
         raise RunError(
             "no held-out data to evaluate: set eval.data, data.validation or data.val_split"

@@ -80,11 +80,7 @@ class LocalScorer:
                 eos_token_id=self.eos or None,
                 pad_token_id=self.pad,
             )
-        new = (
-            [int(t) for t in out[0, -(out.shape[1] - len(ids)) :]]
-            if out.shape[1] > len(ids)
-            else []
-        )
+        new = [int(t) for t in out[0, len(ids) :]]  # the prompt, then the answer
         stopped = bool(new) and new[-1] in self.eos
         text = self.tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True)
         return text, "stop" if stopped else "length"

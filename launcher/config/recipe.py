@@ -141,13 +141,14 @@ _SCALAR_MEMBERS = ("str", "int", "float", "bool")
 
 def _wrong_member(err: Any, errors: list[Any]) -> bool:
     """A list or mapping given to `str | list[M]` fails the str member too: that error says
-    nothing when the list's own items have errors of their own."""
+    nothing a user can act on beside the list member's own (a mapping for a list, the items'
+    errors)."""
     loc = tuple(str(p) for p in err["loc"])
     if not loc or loc[-1] not in _SCALAR_MEMBERS or not isinstance(err.get("input"), list | dict):
         return False
     base = loc[:-1]
     return any(
-        len(other["loc"]) > len(base) + 1
+        len(other["loc"]) > len(base)
         and tuple(str(p) for p in other["loc"][: len(base)]) == base
         and str(other["loc"][len(base)]) not in _SCALAR_MEMBERS
         for other in errors

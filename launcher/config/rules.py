@@ -458,6 +458,7 @@ RULES: list[Rule] = [  # data rules: rules_data.py
     rules_methods.unmergeable_methods_are_not_merged_or_served,
     rules_methods.lora_module_serving_is_plain_lora,
     rules_methods.prompt_learning_not_under_zero3,
+    rules_methods.prefix_tuning_without_gradient_checkpointing,
     eval_needs_serving,
     serving_needs_a_generative_model,
     tensor_parallel_divides_heads,

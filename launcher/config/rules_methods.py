@@ -124,3 +124,22 @@ def prompt_learning_not_under_zero3(c: Candidate) -> list[Problem]:
             "zero3",
         )
     ]
+
+
+def prefix_tuning_without_gradient_checkpointing(c: Candidate) -> list[Problem]:
+    """Seen on peft 0.21 + transformers 5.19 (2 ranks, gloo): with gradient checkpointing the
+    first training step fails in sdpa attention, the attention mask and the keys (prompt +
+    prefix) of different lengths ("The size of tensor a (25) must match the size of tensor b
+    (41)"), inside the checkpointed layer's forward."""
+    recipe = c.recipe
+    if recipe.method.kind != "prefix" or not recipe.train.gradient_checkpointing:
+        return []
+    return [
+        Problem(
+            "train.gradient_checkpointing",
+            "prefix tuning fails under gradient checkpointing (the checkpointed layers' "
+            "attention mask and prefix keys differ in length: peft 0.21, transformers 5)",
+            "set train.gradient_checkpointing=false, or use method.kind=prompt",
+            True,
+        )
+    ]

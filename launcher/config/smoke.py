@@ -190,4 +190,6 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
             "eval": recipe.eval.model_copy(update={"enabled": False, "data": None}),
         }
     )
-    return Recipe.model_validate(smoke.model_dump())  # the schema's checks, once more
+    # the schema's checks, once more; only what was given (or changed here) counts as given,
+    # as the rules that ask what a recipe says expect
+    return Recipe.model_validate(smoke.model_dump(exclude_unset=True))

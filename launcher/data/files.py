@@ -169,8 +169,6 @@ def _load_offline(dataset_id: str, subset: str | None, split: str) -> Any:
     """The split of a hub dataset without any network: from its snapshot in the hub cache
     (what `hf download --repo-type dataset` leaves), else from the datasets cache of an earlier
     `datasets.load_dataset` (HF_DATASETS_CACHE). LookupError when it is in neither."""
-    from unittest import mock
-
     import datasets
     import huggingface_hub
     from huggingface_hub import snapshot_download
@@ -182,11 +180,13 @@ def _load_offline(dataset_id: str, subset: str | None, split: str) -> Any:
     if folder is not None:
         return datasets.load_dataset(folder, subset, split=split)
     # offline for this call even when the environment says otherwise: never a network wait
-    with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True):
-        try:
-            return datasets.load_dataset(dataset_id, subset, split=split)
-        except (ConnectionError, FileNotFoundError) as exc:
-            raise LookupError(str(exc)) from None
+    offline, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, True
+    try:
+        return datasets.load_dataset(dataset_id, subset, split=split)
+    except (ConnectionError, FileNotFoundError) as exc:
+        raise LookupError(str(exc)) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
 
 
 def _read_hub(

@@ -25,7 +25,6 @@ unfinished one (resuming it from its last checkpoint).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from launcher.config.recipe import parse_yaml, recipe_from_data
 from launcher.errors import Problem, RecipeError
 from launcher.logs import setup_cli_logging
 from launcher.rundir import RunDir
+from launcher.workflow.records import load_records, save_records
 
 log = logging.getLogger("tune_launch")
 STATE = "workflow.json"
@@ -170,72 +170,134 @@ def first_base(
     return str(local) if local.exists() else model
 
 
-def run_workflow(path: Path, run_dir: Path, sets: list[str], *, wait: bool) -> int:
-    from launcher.pipeline import STAGES, run_pipeline
-
+def run_workflow(path: Path, run_dir: Path, sets: list[str]) -> int:
+    """The stages in order from the first unfinished one. Locally each runs to its end; on
+    SLURM the first unfinished stage's chain is queued with, after it (`afterok`), a small job
+    that runs this same function again on the cluster: it queues the next stage from the
+    result that now exists, and so on, unattended."""
     setup_cli_logging()
     stages = check_stages(path, sets)
     names = [name for name, _ in stages]
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = _load(run_dir)
+    state = load_records(run_dir / STATE, "stages")
     for index, name in enumerate(names):
         plan = stage_plan(path, run_dir, sets, stages, index)
         run = RunDir(plan.run_dir)
         entry = state.setdefault(name, {"name": name, "run_dir": str(run.path)})
-        if entry.get("state") == "done" and _finished(run, plan):
+        if _finished(run, plan):
+            entry["state"] = "done"
+            save_records(run_dir / STATE, "stages", state)
             log.info("stage %d/%d (%s): done already", index + 1, len(names), name)
             continue
-        if index:
-            start = Path(plan.recipe.model.name_or_path)
-            marker = RunDir.read_marker(start)
-            if marker is None:
-                raise RecipeError(
-                    [
-                        Problem(
-                            f"stages[{index}]",
-                            f"the previous stage's result {start} is not complete",
-                            "run the previous stage first",
-                        )
-                    ],
-                    str(path),
-                )
-            entry["starts_from"] = {"path": str(start), "marker": marker}
-        refuse_missing_model(plan.recipe.model.name_or_path, plan.recipe.name)
+        if entry.get("state") == "queued" and _live(run):
+            log.info(
+                "stage %d/%d (%s) is queued: tune-launch status %s",
+                index + 1,
+                len(names),
+                name,
+                run_dir,
+            )
+            return 0
+        code = _start(path, plan, index, names, entry)
+        done = code == 0 and _finished(run, plan)
+        entry["state"] = "done" if done else ("queued" if code == 0 else "failed")
+        save_records(run_dir / STATE, "stages", state)
+        if done:
+            continue
+        if code != 0:
+            log.error(
+                "stage %d/%d (%s) failed: the later stages did not start; run the same command "
+                "again to continue",
+                index + 1,
+                len(names),
+                name,
+            )
+            return code
+        entry["jobs"] = _jobs(run)
+        if index + 1 < len(names) and entry["jobs"]:
+            after = entry["jobs"][-1]
+            entry["next_job"] = _submit_next(path, run_dir, sets, plan, after, names[index + 1])
+        save_records(run_dir / STATE, "stages", state)
         log.info(
-            "stage %d/%d (%s) in %s, from %s",
+            "stage %d/%d (%s) queued on SLURM; the later stages follow it unattended: "
+            "tune-launch status %s",
             index + 1,
             len(names),
             name,
-            run.path,
-            plan.recipe.model.name_or_path,
+            run_dir,
         )
-        entry["state"] = "running"
-        _save(run_dir, state)
-        code = run_pipeline(plan, stages=list(STAGES), wait=wait)
-        done = code == 0 and _finished(run, plan)
-        entry["state"] = "done" if done else ("queued" if code == 0 else "failed")
-        _save(run_dir, state)
-        if not done:
-            if code == 0:
-                log.info(
-                    "stage %s is queued; run the same command again when it has finished", name
-                )
-            else:
-                log.error(
-                    "stage %d/%d (%s) failed: the later stages did not start; run the same command "
-                    "again to continue",
-                    index + 1,
-                    len(names),
-                    name,
-                )
-            return code
+        return 0
     log.info(
         "workflow %s: %d stage(s) done; the last stage's results are in %s",
         path.name,
         len(names),
-        run.path,
+        RunDir(state[names[-1]]["run_dir"]).path,
     )
     return 0
+
+
+def _start(path: Path, plan: Plan, index: int, names: list[str], entry: dict[str, Any]) -> int:
+    """Check where the stage starts from, then run (or queue) its pipeline."""
+    from launcher.pipeline import STAGES, run_pipeline
+
+    if index:
+        start = Path(plan.recipe.model.name_or_path)
+        marker = RunDir.read_marker(start)
+        if marker is None:
+            problem = Problem(
+                f"stages[{index}]",
+                f"the previous stage's result {start} is not complete",
+                "run the previous stage first",
+            )
+            raise RecipeError([problem], str(path))
+        entry["starts_from"] = {"path": str(start), "marker": marker}
+    refuse_missing_model(plan.recipe.model.name_or_path, plan.recipe.name)
+    log.info(
+        "stage %d/%d (%s) in %s, from %s",
+        index + 1,
+        len(names),
+        names[index],
+        plan.run_dir,
+        plan.recipe.model.name_or_path,
+    )
+    return run_pipeline(plan, stages=list(STAGES), wait=False)
+
+
+def _jobs(run: RunDir) -> list[str]:
+    from cluster.base import JobRecord
+    from cluster.chain import chain_of
+
+    record = JobRecord.load(run.path)
+    if record is None or record.backend != "slurm":
+        return []
+    return [str(job["job_id"]) for job in chain_of(record)]
+
+
+def _live(run: RunDir) -> bool:
+    from cluster.base import JobRecord, backend_named
+
+    record = JobRecord.load(run.path)
+    if record is None or record.backend != "slurm":
+        return False
+    return backend_named("slurm").status(run.path).state in ("PENDING", "RUNNING")
+
+
+def _submit_next(
+    path: Path, run_dir: Path, sets: list[str], plan: Plan, after: str, name: str
+) -> str:
+    """NAME-next: after the stage's chain succeeds, run_workflow on the cluster (1 CPU)."""
+    from launcher.workflow.slurm_jobs import submit_after
+
+    return submit_after(
+        run_dir / "slurm",
+        plan,
+        f"{plan.recipe.name}-next",
+        f"afterok:{after}",
+        run_workflow,
+        path,
+        run_dir,
+        sets,
+    )
 
 
 def _finished(run: RunDir, plan: Plan) -> bool:
@@ -248,20 +310,6 @@ def _finished(run: RunDir, plan: Plan) -> bool:
     ):
         return False
     return not plan.recipe.eval.enabled or run.eval_results.is_file()
-
-
-def _load(run_dir: Path) -> dict[str, dict[str, Any]]:
-    try:
-        found = json.loads((run_dir / STATE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {s["name"]: s for s in found.get("stages", []) if isinstance(s, dict) and "name" in s}
-
-
-def _save(run_dir: Path, state: dict[str, dict[str, Any]]) -> None:
-    RunDir.write_atomic(
-        run_dir / STATE, json.dumps({"stages": list(state.values())}, indent=2) + "\n"
-    )
 
 
 def dry_run(path: Path, run_dir: Path, sets: list[str]) -> int:
@@ -292,11 +340,15 @@ def is_workflow_dir(run_dir: Path) -> bool:
 
 def print_status(run_dir: Path) -> int:
     """One line per stage: state, its run directory, last step, the model it started from."""
-    state = _load(run_dir)
+    state = load_records(run_dir / STATE, "stages")
     print(f"workflow {run_dir}: {len(state)} stage(s) started")
     for name, entry in state.items():
         run = RunDir(entry["run_dir"])
         step = run.last_step()
+        if entry.get("state") == "queued" and _jobs(run):  # on SLURM: what its chain says now
+            from cluster.base import backend_named
+
+            entry["state"] = backend_named("slurm").status(run.path).state.lower()
         start = (entry.get("starts_from") or {}).get("path", "the recipe's model")
         print(
             f"  {name:<12} {entry.get('state', '-'):<8} step {step if step is not None else '-':>5}"

@@ -16,10 +16,11 @@ from typing import Any
 
 from launcher.config.arch import refuse_missing_model
 from launcher.config.load import plan_from_file
-from launcher.errors import Problem, RecipeError, RunError
+from launcher.errors import RecipeError, RunError
 from launcher.logs import setup_cli_logging
 from launcher.rundir import RunDir
 from launcher.workflow import compare
+from launcher.workflow.records import load_records, save_records
 from launcher.workflow.variants import Variant, expand, parse_grids
 
 log = logging.getLogger("tune_launch")
@@ -37,39 +38,117 @@ def run_sweep(
 ) -> int:
     setup_cli_logging()
     variants = expand(recipe, parse_grids(grids), sets)
-    if backend == "slurm":
-        raise RecipeError(
-            [
-                Problem(
-                    "--backend",
-                    "a sweep on SLURM is not built yet: variants run one after the other here",
-                    "drop --backend slurm (each variant's recipe may still train on SLURM with "
-                    "resources.backend: slurm), or submit the variants as separate runs",
-                    backend,
-                )
-            ],
-            "usage",
-        )
-    del max_parallel  # local variants run one after the other
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    state = _load(sweep_dir)
+    state = load_records(sweep_dir / STATE, "variants")
     plans = {v.name: _plan(recipe, sets, v, sweep_dir, backend) for v in variants}
     log.info("sweep of %d variant(s) in %s: %s", len(variants), sweep_dir, ", ".join(plans))
-    failed = 0
     for variant in variants:
         entry = state.setdefault(variant.name, {})
         entry |= {"name": variant.name, "overrides": variant.overrides, "same_as": variant.same_as}
+    if backend == "slurm":
+        return _queue(recipe, sets, variants, state, sweep_dir, max_parallel)
+    failed = 0
+    for variant in variants:
+        entry = state[variant.name]
         if entry.get("state") == "done" and finished(RunDir(sweep_dir / variant.name)):
             log.info("variant %s: done already", variant.name)
             continue
         code, seconds = _run(plans[variant.name], variant)
         entry |= {"state": "done" if code == 0 else "failed", "exit": code, "wall_s": seconds}
         failed += code != 0
-        _save(sweep_dir, state)
-    entries = [state[v.name] for v in variants]
-    paths = compare.write(sweep_dir, entries)
-    log.info("comparison: %s (and %s, %s)", paths["md"], paths["json"].name, paths["png"].name)
+        save_records(sweep_dir / STATE, "variants", state)
+    write_comparison(sweep_dir)
     return 1 if failed else 0
+
+
+def write_comparison(sweep_dir: Path) -> None:
+    """comparison.{json,md,png} from sweep.json and the variants' run directories."""
+    setup_cli_logging()
+    state = load_records(sweep_dir / STATE, "variants")
+    for name, entry in state.items():  # a SLURM variant is done when its run says so
+        if entry.get("state") == "queued" and finished(RunDir(sweep_dir / name)):
+            entry["state"] = "done"
+            entry["wall_s"] = _slurm_seconds(entry.get("jobs") or [])
+    save_records(sweep_dir / STATE, "variants", state)
+    paths = compare.write(sweep_dir, list(state.values()))
+    log.info("comparison: %s (and %s, %s)", paths["md"], paths["json"].name, paths["png"].name)
+
+
+def _slurm_seconds(jobs: list[str]) -> float | None:
+    """The chain's jobs' elapsed time, summed (queue time left out), as SLURM reports it."""
+    from cluster.chain import query_jobs
+
+    states, _ = query_jobs(jobs)
+    total = 0.0
+    for info in states.values():
+        days, _, clock = info.elapsed.rpartition("-")
+        parts = [float(x) for x in clock.split(":") if x]
+        if not parts:
+            return None
+        seconds = sum(v * 60**i for i, v in enumerate(reversed(parts)))
+        total += seconds + 86400 * float(days or 0)
+    return round(total, 1) if states else None
+
+
+def _queue(
+    recipe: Path,
+    sets: list[str],
+    variants: list[Variant],
+    state: dict[str, dict[str, Any]],
+    sweep_dir: Path,
+    max_parallel: int,
+) -> int:
+    """On SLURM: every unfinished variant's chain (train -> merge -> eval) queued at once, the
+    (i + max_parallel)-th starting after the i-th chain has ended (`--dependency=afterany`),
+    then a NAME-compare job after all of them writes the comparison."""
+    from cluster.base import JobRecord
+    from cluster.chain import chain_of
+    from launcher.pipeline import STAGES, run_pipeline
+
+    last: list[str | None] = []
+    for i, variant in enumerate(variants):
+        entry = state[variant.name]
+        if entry.get("state") == "done" and finished(RunDir(sweep_dir / variant.name)):
+            log.info("variant %s: done already", variant.name)
+            last.append(None)
+            continue
+        before = last[i - max_parallel] if i >= max_parallel else None
+        extra = [f"resources.sbatch_extra.dependency=afterany:{before}"] if before else []
+        plan = _plan(recipe, [*sets, *extra], variant, sweep_dir, "slurm")
+        if run_pipeline(plan, stages=list(STAGES), wait=False) != 0:
+            entry["state"] = "failed"
+            save_records(sweep_dir / STATE, "variants", state)
+            return 1
+        record = JobRecord.load(Path(plan.run_dir))
+        jobs = [str(job["job_id"]) for job in chain_of(record)] if record else []
+        entry |= {"state": "queued", "jobs": jobs}
+        last.append(jobs[-1] if jobs else None)
+        save_records(sweep_dir / STATE, "variants", state)
+    after = [job for job in last if job]
+    if after:
+        job = _submit_compare(
+            sweep_dir, after, _plan(recipe, sets, variants[0], sweep_dir, "slurm")
+        )
+        log.info(
+            "queued %d variant chain(s), at most %d at once; comparison job %s after them: "
+            "tune-launch status %s",
+            len(after),
+            max_parallel,
+            job,
+            sweep_dir,
+        )
+    else:
+        write_comparison(sweep_dir)
+    return 0
+
+
+def _submit_compare(sweep_dir: Path, after: list[str], plan: Any) -> str:
+    """NAME-compare: after every variant's chain, whatever its end, writes the comparison."""
+    from launcher.workflow.slurm_jobs import submit_after
+
+    name = f"{plan.recipe.name}-compare"
+    dependency = "afterany:" + ":".join(after)
+    return submit_after(sweep_dir / "slurm", plan, name, dependency, write_comparison, sweep_dir)
 
 
 def _plan(
@@ -107,26 +186,13 @@ def finished(run: RunDir) -> bool:
     return not plan.recipe.eval.enabled or run.eval_results.is_file()
 
 
-def _load(sweep_dir: Path) -> dict[str, dict[str, Any]]:
-    try:
-        found = json.loads((sweep_dir / STATE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {v["name"]: v for v in found.get("variants", []) if isinstance(v, dict) and "name" in v}
-
-
-def _save(sweep_dir: Path, state: dict[str, dict[str, Any]]) -> None:
-    doc = {"variants": list(state.values())}
-    RunDir.write_atomic(sweep_dir / STATE, json.dumps(doc, indent=2) + "\n")
-
-
 def is_sweep(directory: Path) -> bool:
     return (directory / STATE).is_file()
 
 
 def print_status(sweep_dir: Path) -> int:
     """One line per variant: state, wall time, final loss, the recipe's metric."""
-    state = _load(sweep_dir)
+    state = load_records(sweep_dir / STATE, "variants")
     report = (
         json.loads((sweep_dir / "comparison.json").read_text())
         if (sweep_dir / "comparison.json").is_file()
@@ -138,6 +204,10 @@ def print_status(sweep_dir: Path) -> int:
         run = RunDir(sweep_dir / name)
         row = rows.get(name, {})
         step = run.last_step()
+        if entry.get("state") == "queued":  # on SLURM: what its chain says now
+            from cluster.base import backend_named
+
+            entry["state"] = backend_named("slurm").status(run.path).state.lower()
         metric = row.get("metric")
         print(
             f"  {name:<28} {entry.get('state', 'pending'):<8} step {step if step is not None else '-':>5}"

@@ -19,6 +19,7 @@ EXPECTED = {
     "planner_accuracy",
     "training_overhead",
     "merge_memory",
+    "resume_reshard",
     "eval_throughput",
     "gpu_training",
     "gpu_planner",
@@ -56,6 +57,7 @@ def test_benchmark_suite_smoke(tmp_path: Path) -> None:
         assert "skipped" not in result, (name, result)
         assert "target" in result and "met" in result, (name, result)
     assert results["planner_accuracy"]["met"] is True  # exact counts: not a timing
+    assert results["resume_reshard"]["met"] is True  # every parameter converted whole
 
 
 @pytest.mark.bench

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -29,19 +28,10 @@ from launcher.config.plan import ClusterFacts, resolve
 from launcher.config.recipe import load_recipe, localize
 from launcher.rundir import RunDir, write_plan
 
-pytestmark = pytest.mark.slurm
+from .conftest import ENV, ROOT, SECRET, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
-SECRET = "hf_test_secret_value_0123456789"
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TORCH_EXTENSIONS_DIR": os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")
-    ),
-    "HF_TOKEN": SECRET,  # a secret in the submitting shell: must reach no file
-}
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+
 
 KEY_ENV = "TL_TEST_API_KEY"
 KEY = "sk-test-endpoint-key-0123456789"
@@ -52,31 +42,6 @@ ON_SLURM = ["--backend", "slurm", "--nodes", "2", "--gpus-per-node", "1"]
 # serve.mode=lora: eval serves base + adapter from one vLLM (one start-up instead of two); the
 # merge job still runs (serve.enabled), and the endpoint test serves the same way
 SHORT = ["--set", "train.max_steps=40", "--set", "train.save_steps=20", "--set", "serve.mode=lora"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cluster() -> None:
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        pytest.skip("SLURM not installed (no sinfo/sbatch); run cluster/testcluster/up.sh")
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
-    if "is UP" not in ping.stdout:
-        pytest.skip("slurmctld does not answer `scontrol ping`; run cluster/testcluster/up.sh")
-    nodes = subprocess.run(
-        ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=15
-    ).stdout.split("\n")
-    usable = [line for line in nodes if re.search(r"\s(idle|mix|alloc|comp)", line)]
-    if len(usable) < 2:
-        pytest.skip(f"the test cluster needs 2 usable nodes, sinfo says: {nodes}")
-
-
-def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def assert_no_secret(run: Path, *secrets: str) -> None:

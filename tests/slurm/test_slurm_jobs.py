@@ -11,9 +11,7 @@ Skipped, with the reason, when SLURM is not installed or its controller does not
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -27,37 +25,14 @@ from launcher.config.plan import ClusterFacts, Plan, resolve
 from launcher.config.recipe import load_recipe, localize
 from launcher.rundir import RunDir, write_plan
 
-pytestmark = pytest.mark.slurm
+from .conftest import ENV, ROOT, SECRET, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+
 FAKE_TRAIN = Path(__file__).with_name("fake_train.py")
-SECRET = "hf_test_secret_value_0123456789"
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TORCH_EXTENSIONS_DIR": os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")
-    ),
-    "HF_TOKEN": SECRET,  # a secret in the submitting shell: must reach no file
-}
+
 # keep the real runs short: 2 nodes x 1 process, few steps, checkpoints every 3
 QUICK = ["--backend", "slurm", "--nodes", "2", "--gpus-per-node", "1", "--stages", "train"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cluster() -> None:
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        pytest.skip("SLURM not installed (no sinfo/sbatch); run cluster/testcluster/up.sh")
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=15)
-    if "is UP" not in ping.stdout:
-        pytest.skip("slurmctld does not answer `scontrol ping`; run cluster/testcluster/up.sh")
-    nodes = subprocess.run(
-        ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=15
-    ).stdout.split("\n")
-    usable = [line for line in nodes if re.search(r"\s(idle|mix|alloc|comp)", line)]
-    if len(usable) < 2:
-        pytest.skip(f"the test cluster needs 2 usable nodes, sinfo says: {nodes}")
 
 
 def tune(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -78,16 +53,6 @@ def train_steps(run: Path) -> list[int]:
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r["step"] for r in records if r.get("loss") is not None]
-
-
-def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def assert_no_secret(run: Path) -> None:

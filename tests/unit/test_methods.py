@@ -81,6 +81,10 @@ def test_planner_counts_what_peft_trains(arch: str, case: str, tmp_path: Path) -
          "serve.enabled"),
         ("method: {kind: lora, use_dora: true}\nserve: {enabled: true, mode: lora}", "serve.mode"),
         ("method: {kind: ia3}\nserve: {enabled: true, mode: lora}", "serve.mode"),
+        ("method: {kind: prompt}\nmerge: {enabled: false}\ndistributed: {strategy: zero3}",
+         "distributed.strategy"),
+        ("method: {kind: prefix}\nmerge: {enabled: false}\ntrain: {gradient_checkpointing: true}",
+         "train.gradient_checkpointing"),
     ],
 )  # fmt: skip
 def test_method_rules_refuse_naming_the_field(body: str, field: str, tmp_path: Path) -> None:
@@ -98,6 +102,9 @@ def test_method_rules_refuse_naming_the_field(body: str, field: str, tmp_path: P
         "eval: {enabled: true}",  # in-process eval needs no server
         "method: {kind: lora, use_rslora: true}\nserve: {enabled: true, mode: lora}",
         "method: {kind: ia3}\nserve: {enabled: true}\neval: {enabled: true}",
+        # tried: these train and checkpoint (2 ranks, gloo)
+        "method: {kind: prompt}\nmerge: {enabled: false}\ntrain: {gradient_checkpointing: true}",
+        "method: {kind: prefix}\nmerge: {enabled: false}\ndistributed: {strategy: zero2}",
     ],
 )
 def test_what_peft_and_vllm_can_do_is_accepted(body: str, tmp_path: Path) -> None:
