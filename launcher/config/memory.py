@@ -135,13 +135,19 @@ def estimate(m: MemoryInputs) -> dict[str, object]:
     )
 
     gpu_weights = weights / ws if sharded_params else weights
-    if m.offload_params and m.strategy == "zero3":
+    offload_params = m.offload_params and m.strategy in ("zero3", "fsdp")
+    if offload_params:
         gpu_weights = 0.0
     gpu_grads = grad_bytes / ws if sharded_grads else grad_bytes
     gpu_optim = optim / ws if sharded_optim else optim
     host_optim = 0.0
     if m.offload_optimizer and deepspeed:
         host_optim, gpu_optim = gpu_optim * m.gpus_per_node, 0.0
+    if offload_params and m.strategy == "fsdp":
+        # FSDP2's CPU offload keeps each rank's shard of the parameters, their gradients and
+        # the optimizer step on the host
+        host_optim = (gpu_grads + gpu_optim) * m.gpus_per_node
+        gpu_grads = gpu_optim = 0.0
     runtime = GIB if m.on_gpu else 0.0
     total = gpu_weights + gpu_grads + gpu_optim + acts + runtime
 
@@ -149,7 +155,7 @@ def estimate(m: MemoryInputs) -> dict[str, object]:
     # (ZeRO-3 with zero.Init loads its shard), plus offloaded states; merge streams one shard
     load_per_rank = weights / ws if sharded_params else weights
     host_load = load_per_rank * m.gpus_per_node + host_optim
-    if m.offload_params and m.strategy == "zero3":
+    if offload_params:
         host_load += weights / ws * m.gpus_per_node
     shard = min(m.merge_shard_gb * 1e9, shape.total_params() * 2)  # 16-bit shards
     merge_bytes = shard * 2 + adapter_bytes * 2  # one shard in and out, plus the adapter

@@ -158,13 +158,13 @@ def warmup_given_once(c: Candidate) -> list[Problem]:
 
 def offload_params_needs_zero3(c: Candidate) -> list[Problem]:
     dist = c.recipe.distributed
-    if not dist.offload_params or dist.strategy == "zero3":
-        return []
+    if not dist.offload_params or dist.strategy in ("zero3", "fsdp"):
+        return []  # fsdp: FSDP2's CPU offload (launcher/config/render.py render_fsdp)
     return [
         Problem(
             "distributed.offload_params",
-            f"only ZeRO-3 can offload parameters (strategy is {dist.strategy})",
-            "use distributed.strategy=zero3 or set offload_params=false",
+            f"only ZeRO-3 and FSDP can offload parameters (strategy is {dist.strategy})",
+            "use distributed.strategy=zero3 or fsdp, or set offload_params=false",
             True,
         )
     ]

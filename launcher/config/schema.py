@@ -359,7 +359,9 @@ class DistributedConfig(Section):
         "each transformer block, so the model's architecture must be known).",
     )
     offload_optimizer: bool = Field(False, description="ZeRO: optimizer states in host RAM.")
-    offload_params: bool = Field(False, description="ZeRO-3: parameters in host RAM.")
+    offload_params: bool = Field(
+        False, description="ZeRO-3 or FSDP: parameters (FSDP: and their optimizer) in host RAM."
+    )
     launcher: Literal["torchrun", "accelerate"] = Field(
         "torchrun", description="Per-node process launcher."
     )

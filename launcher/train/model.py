@@ -36,12 +36,19 @@ def quantization_config(plan: Plan) -> Any:
     from transformers import BitsAndBytesConfig
 
     quant = plan.recipe.method.quant
+    skip: dict[str, Any] = {}
+    if plan.recipe.model.task == "sequence_classification":
+        # the head is trained in full (modules_to_save): quantized, its weights could not
+        # take gradients ("only Tensors of floating point dtype can require gradients")
+        heads = ["pre_classifier", "classifier", "score", *plan.recipe.method.modules_to_save]
+        skip["llm_int8_skip_modules"] = heads
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=TORCH_DTYPES[compute],
         bnb_4bit_quant_storage=TORCH_DTYPES[storage],
+        **skip,
     )
 
 

@@ -19,11 +19,13 @@ from .conftest import PYTHON, QUICKSTART, REPO, cli_env, explain, tensors
 THREE_STAGE = REPO / "recipes" / "cpu" / "three_stage.yaml"
 
 
-def tune(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def tune(
+    *args: str, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [PYTHON, "-m", "launcher.cli", *args],
         cwd=REPO,
-        env=cli_env(),
+        env=env or cli_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -76,7 +78,16 @@ def test_sweep_trains_three_variants_and_compares_them(tmp_path: Path) -> None:
 def test_three_stage_recipe_chains_each_stage_from_the_previous_result(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # one vLLM server for the report (the fine-tuned model only): CI time
-    out = ok(tune(str(THREE_STAGE), "--run-dir", str(run_dir), "--set", "eval.compare_base=false"))
+    argv = [str(THREE_STAGE), "--run-dir", str(run_dir), "--set", "eval.compare_base=false"]
+    # the second stage dies right after its checkpoint of step 50: the chain stops there
+    failed = tune(*argv, env=cli_env(TUNE_LAUNCH_FAULT="exit_after_save:50"))
+    assert failed.returncode == 1, explain(failed)
+    assert "stage 2/3 (sft) failed: the later stages did not start" in failed.stderr
+    assert not (run_dir / "stages" / "2-dpo").exists()
+    # the same command again: the first stage is not retrained, the second resumes at 50
+    out = ok(tune(*argv))
+    assert "stage 1/3 (cpt): done already" in out
+    assert "resuming from" in out and "checkpoint-50 (step 50)" in out
     state = json.loads((run_dir / "workflow.json").read_text())["stages"]
     assert [(s["name"], s["state"]) for s in state] == [
         ("cpt", "done"),
@@ -101,7 +112,5 @@ def test_three_stage_recipe_chains_each_stage_from_the_previous_result(tmp_path:
     assert results["metrics"]["finetuned"]["exact_match"] >= 0.9, results["metrics"]
     assert "stage 3/3 (dpo)" in out
     # the same command again: every stage is done, nothing runs
-    again = ok(
-        tune(str(THREE_STAGE), "--run-dir", str(run_dir), "--set", "eval.compare_base=false")
-    )
+    again = ok(tune(*argv))
     assert again.count("done already") == 3 and "launch (attempt" not in again

@@ -103,3 +103,15 @@ def test_long_sequences_are_planned_with_the_attention_kernel_and_named_as_the_f
     warning = next(w for w in sdpa.warnings if "exceeds" in w)
     assert "data.max_seq_len (8192 now" in warning and "saves" in warning
     assert "model.attn_implementation=sdpa" in next(w for w in eager.warnings if "exceeds" in w)
+
+
+def test_fsdp_cpu_offload_moves_weights_grads_and_optimizer_to_the_host() -> None:
+    full = replace(LLAMA8B_LORA, method="full", strategy="fsdp", gradient_checkpointing=True)
+    on_gpu = estimate(full)
+    offload = estimate(replace(full, offload_params=True))
+    parts = offload["breakdown_gib"]
+    assert parts["weights"] == parts["gradients"] == parts["optimizer"] == 0.0
+    assert parts["activations"] == on_gpu["breakdown_gib"]["activations"]
+    moved = sum(on_gpu["breakdown_gib"][k] for k in ("weights", "gradients", "optimizer")) * 8
+    extra_host = offload["host_ram_load_gib_per_node"] - on_gpu["host_ram_load_gib_per_node"]
+    assert extra_host == pytest.approx(moved, rel=1e-3)  # each rank's shard, 8 ranks a node

@@ -72,3 +72,18 @@ def test_a_bad_stage_is_named(tmp_path: Path) -> None:
     with pytest.raises(RecipeError) as caught:
         check_stages(workflow, [])
     assert [p.path for p in caught.value.problems] == ["stages[2] (dpo): data.format"]
+
+
+@pytest.mark.parametrize("name", ["cpu/three_stage.yaml", "llama8b_three_stage.yaml"])
+def test_shipped_workflows_dry_run_their_first_stage(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from launcher.cli import main
+
+    path = ROOT / "recipes" / name
+    assert path.read_text().splitlines()[0] == f"# tune-launch recipes/{name}"
+    assert main(["run", str(path), "--dry-run", "--run-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "=== stage 1/3: cpt" in out and "=== stage 3/3: dpo" in out
+    assert out.count("planned when the previous stage has finished") == 2
+    assert (tmp_path / "stages" / "0-cpt" / "plan.json").is_file()
