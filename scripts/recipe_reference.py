@@ -26,7 +26,8 @@ def _type(annotation: Any) -> str:
     if origin in (dict, list):
         return f"{origin.__name__}[{', '.join(_type(arg) for arg in args)}]"
     text = str(annotation).replace("typing.", "").replace("Literal", "").replace("NoneType", "null")
-    text = text.replace("launcher.config.schema.", "")  # a section model by its name
+    for module in ("launcher.config.schema_data.", "launcher.config.schema."):
+        text = text.replace(module, "")  # a section model by its name
     return text.replace("<class '", "").replace("'>", "")
 
 

@@ -11,15 +11,14 @@ import math
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-Dtype = Literal["bf16", "fp16", "fp32"]
-Tracker = Literal["tensorboard", "wandb", "mlflow"]
+from launcher.config.schema_data import DataConfig as DataConfig
+from launcher.config.schema_data import DataSource as DataSource
+from launcher.config.schema_data import DataSources as DataSources
+from launcher.config.sections import Dtype, Section, Tracker
+
 SECRET_DEFAULTS = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class ModelConfig(Section):
@@ -107,139 +106,6 @@ class MethodConfig(Section):
         description="Modules trained in full and saved with the adapter (e.g. a classifier head).",
     )
     quant: QuantConfig = Field(default_factory=QuantConfig, description="QLoRA 4-bit settings.")
-
-
-class DataSource(Section):
-    """One data source of data.train / data.validation (the list form)."""
-
-    path: str = Field(
-        description="Local jsonl/json/csv/parquet file, or a hub dataset id (owner/name) read "
-        "offline from the Hugging Face cache (`hf download --repo-type dataset owner/name`)."
-    )
-    subset: str | None = Field(
-        None,
-        description="Hub datasets: the configuration (subset) name, e.g. `en`; default: the "
-        "dataset's default configuration.",
-    )
-    split: str = Field(
-        "train",
-        description="Hub datasets: the split, with an optional slice as datasets writes it "
-        "(`train[:20%]`, `train[100:200]`).",
-    )
-    weight: float | None = Field(
-        None,
-        gt=0,
-        description="Training sources only: this source's share of the training mix, relative to the "
-        "other sources' weights (rows repeated or sampled to reach it, by data.seed); give "
-        "every source a weight or none (then every row is used once).",
-    )
-    max_samples: int | None = Field(
-        None,
-        gt=0,
-        description="At most this many rows of this source (its first valid ones, after the "
-        "validation split), before mixing.",
-    )
-    columns: dict[str, str] | None = Field(
-        None,
-        description="Source column -> the format's column for this source; default: data.columns.",
-    )
-
-
-DataSources = str | list[DataSource]
-
-
-class DataConfig(Section):
-    train: DataSources = Field(
-        description="Local jsonl/json/csv/parquet file or hub dataset id, or a list of sources "
-        "({path, subset, split, weight, max_samples, columns}) mixed into one training set."
-    )
-    validation: DataSources | None = Field(
-        None,
-        description="Validation source(s), used whole; default: a split of each train source.",
-    )
-    format: Literal["alpaca", "messages", "text", "preference", "classification"] = Field(
-        "alpaca",
-        description="alpaca: instruction/input/output; messages: OpenAI-style chat, every "
-        "assistant turn trained (data.assistant_turns); text: raw text (continued pretraining); "
-        "preference: prompt/chosen/rejected (DPO), chosen/rejected as answers or as whole "
-        "conversations repeating the prompt (Argilla/UltraFeedback); classification: text + "
-        "label columns.",
-    )
-    chat_template: str | None = Field(
-        None,
-        description="Chat template: chatml, llama3 or alpaca (their special tokens added when "
-        "missing, their end-of-turn token made EOS), or Jinja text; default: the tokenizer's "
-        "own.",
-    )
-    eos_token: str | None = Field(
-        None, description="EOS token, a token of the vocabulary; default: the tokenizer's."
-    )
-    pad_token: str | None = Field(
-        None,
-        description="Pad token (added when not in the vocabulary; never the EOS); default: "
-        "the tokenizer's when distinct from EOS, else a free one.",
-    )
-    max_seq_len: int = Field(2048, gt=0, le=1_048_576, description="Tokens per example.")
-    packing: bool = Field(False, description="Pack several examples into one sequence.")
-    val_split: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="Fraction of train held out for validation (no validation file).",
-    )
-    seed: int = Field(
-        42, description="Seed of the train/validation split and of the mix of several sources."
-    )
-    completion_only_loss: bool = Field(
-        True, description="Loss only on completion tokens for instruction/chat data."
-    )
-    assistant_turns: Literal["all", "last"] = Field(
-        "all",
-        description="Chat data (alpaca, messages): which assistant turns of a conversation "
-        "are trained with completion_only_loss: all of them, or only the last (earlier turns "
-        "are then context, like the user's).",
-    )
-    invalid_rows: Literal["drop", "error"] = Field(
-        "error", description="Invalid rows: drop them with a warning, or stop with an error."
-    )
-    max_samples: int | None = Field(
-        None,
-        gt=0,
-        description="Train on at most this many rows (the first valid ones, after the "
-        "validation split; of several sources, the first of the mix); default: all.",
-    )
-    num_proc: int | None = Field(
-        None,
-        ge=1,
-        le=256,
-        description="Processes that tokenize and pack the data on each node (datasets' "
-        "num_proc, TRL's dataset_num_proc); default: one.",
-    )
-    columns: dict[str, str] = Field(
-        default_factory=dict,
-        description="Source column -> the format's column, e.g. {conversations: messages} or "
-        "{question: instruction, answer: output}.",
-    )
-    role_key: str = Field("role", description="Key of a chat turn's role (ShareGPT: from).")
-    content_key: str = Field("content", description="Key of a chat turn's text (ShareGPT: value).")
-    roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
-        default_factory=dict,
-        description="Source role names -> roles, e.g. {human: user, gpt: assistant} (ShareGPT).",
-    )
-    text_column: str = Field("text", description="Text column (text/classification formats).")
-    label_column: str = Field("label", description="Label column (classification format).")
-
-    def train_sources(self) -> list[DataSource]:
-        """data.train as a list of sources (the single-string form is one source)."""
-        return _sources(self.train)
-
-    def validation_sources(self) -> list[DataSource]:
-        """data.validation as a list of sources ([] when not given)."""
-        return _sources(self.validation) if self.validation else []
-
-
-def _sources(value: DataSources) -> list[DataSource]:
-    return [DataSource(path=value)] if isinstance(value, str) else list(value)
 
 
 class TrainConfig(Section):
