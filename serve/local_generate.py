@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from serve.contract import chat_ids
 from serve.examples import Example, with_shots
-from serve.scoring import score_prediction
+from serve.scoring import empty_row, score_prediction
 
 if TYPE_CHECKING:
     from serve.eval import Evaluation
@@ -112,16 +112,7 @@ class LocalScorer:
 
     def answer(self, index: int, ex: Example, messages: list[dict[str, str]]) -> dict[str, Any]:
         """One row as serve/scoring.py writes it."""
-        row: dict[str, Any] = {
-            "index": index,
-            "question": ex.question,
-            "reference": ex.reference,
-            "prediction": None,
-            "finish_reason": None,
-            "error": None,
-            "ref_logprob": None,
-            "ref_tokens": None,
-        }
+        row = empty_row(index, ex)
         started = time.monotonic()
         try:
             row["prediction"], row["finish_reason"] = self.generate(messages)

@@ -62,6 +62,20 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def empty_row(index: int, ex: Example) -> dict[str, Any]:
+    """One example's row of results.json before it is answered (every engine fills the same)."""
+    return {
+        "index": index,
+        "question": ex.question,
+        "reference": ex.reference,
+        "prediction": None,
+        "finish_reason": None,
+        "error": None,
+        "ref_logprob": None,
+        "ref_tokens": None,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Requests
 
@@ -146,16 +160,7 @@ class _Scorer:
         return float(sum(span)), len(answer)
 
     async def answer(self, model: str, index: int, ex: Example, messages: list) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "index": index,
-            "question": ex.question,
-            "reference": ex.reference,
-            "prediction": None,
-            "finish_reason": None,
-            "error": None,
-            "ref_logprob": None,
-            "ref_tokens": None,
-        }
+        row = empty_row(index, ex)
         async with self.answers:
             started = time.monotonic()
             try:
