@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/reliability_report.py" + (
         " --no-slow-refs" if args.no_slow_refs else ""
     )
+    if args.from_xml is not None:
+        command = "python scripts/reliability_report.py --from-xml <the whole suite's junit XML>"
     started = time.monotonic()
     code = 0
     xml_path = args.from_xml or XML
