@@ -245,7 +245,7 @@ def _dry_run(plan: Any, args: argparse.Namespace) -> int:
     chosen as the run chooses it), then the plan and its files."""
     from cluster.base import choose_backend
     from launcher.config.plan_view import dry_run_text
-    from launcher.rundir import write_plan
+    from launcher.plan_files import write_plan
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     request = choose_backend(plan, stages).prepare(plan)

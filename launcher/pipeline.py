@@ -17,7 +17,8 @@ from cluster.base import Backend, JobRecord, backend_named, choose_backend
 from launcher.config.plan import Plan
 from launcher.errors import Problem, RecipeError, RunError
 from launcher.logs import setup_cli_logging
-from launcher.rundir import RunDir, write_plan
+from launcher.plan_files import write_plan
+from launcher.rundir import RunDir
 from launcher.tiny import build_base
 
 log = logging.getLogger("tune_launch")

@@ -29,8 +29,8 @@ from typing import Any
 
 from gpu_common import Context, now, prepare_tiny, tail, write_json
 
-from launcher.rundir import PACKAGES as RUN_PACKAGES
-from launcher.rundir import versions as run_versions
+from launcher.plan_files import PACKAGES as RUN_PACKAGES
+from launcher.plan_files import versions as run_versions
 
 PARTS = ("planner", "throughput", "fsdp", "qlora")
 # what a run records, and what the GPU machine may hold in another version or not at all

@@ -290,33 +290,24 @@ def load_splits(recipe: Recipe, measure: LengthFn | None = None) -> Splits:
     parts: list[list[Row]] = []
     validation: list[Row] = []
     reports: list[DataReport] = []
-    for i, source in enumerate(sources):
-        field_name = _field("data.train", data.train, i)
-        rows, report, labels = check_source(
-            source,
-            data,
-            num_labels=num_labels,
-            measure=measure,
-            field_name=field_name,
+
+    def checked(source: DataSource, field_name: str) -> tuple[list[Row], DataReport, Any]:
+        found = check_source(
+            source, data, num_labels=num_labels, measure=measure, field_name=field_name,
             labels=labels,
-        )
-        _fail_or_warn(report, data, field_name)
+        )  # fmt: skip
+        _fail_or_warn(found[1], data, field_name)
+        return found
+
+    for i, source in enumerate(sources):
+        rows, report, labels = checked(source, _field("data.train", data.train, i))
         if not data.validation:
             rows, held = split_rows(rows, data.val_split, data.seed)
             validation += held
         parts.append(rows[: source.max_samples])
         reports.append(replace(report, weight=source.weight))
     for i, source in enumerate(data.validation_sources()):
-        field_name = _field("data.validation", data.validation, i)
-        rows, report, _ = check_source(
-            source,
-            data,
-            num_labels=num_labels,
-            measure=measure,
-            field_name=field_name,
-            labels=labels,
-        )
-        _fail_or_warn(report, data, field_name)
+        rows, report, _ = checked(source, _field("data.validation", data.validation, i))
         validation += rows[: source.max_samples]
         reports.append(replace(report, role="validation", used=len(rows[: source.max_samples])))
     mixed = mix(parts, [s.weight for s in sources], data.seed)[: data.max_samples]

@@ -317,7 +317,7 @@ def dry_run(path: Path, run_dir: Path, sets: list[str]) -> int:
     first, and those whose predecessor has finished) printed as `--dry-run` prints it."""
     from cluster.base import choose_backend
     from launcher.config.plan_view import dry_run_text
-    from launcher.rundir import write_plan
+    from launcher.plan_files import write_plan
 
     stages = check_stages(path, sets)
     for index, (name, _) in enumerate(stages):

@@ -93,7 +93,7 @@ def build(work: Path, size: str) -> dict[str, Any]:
     from launcher.config.arch import read_local_config
     from launcher.config.plan import ClusterFacts, resolve
     from launcher.config.recipe import load_recipe
-    from launcher.rundir import write_plan
+    from launcher.plan_files import write_plan
 
     spec = SIZES[size]
     base, run = work / "base", work / "run"

@@ -71,7 +71,7 @@ def write_plan(run_dir: Path, base: str, **sections: dict[str, Any]) -> Any:
     from launcher.config.arch import read_local_config
     from launcher.config.plan import ClusterFacts, resolve
     from launcher.config.recipe import load_recipe
-    from launcher.rundir import write_plan
+    from launcher.plan_files import write_plan
 
     data: dict[str, Any] = {
         "name": "merge-test",

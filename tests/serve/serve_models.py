@@ -115,7 +115,7 @@ def make_run_dir(root: Path, overrides: list[str] | None = None) -> Path:
     """A run directory named like its run, plan.json from the real resolver (quickstart-like)."""
     from launcher.config.plan import ClusterFacts, resolve
     from launcher.config.recipe import load_recipe, localize
-    from launcher.rundir import write_plan
+    from launcher.plan_files import write_plan
 
     recipe = load_recipe(
         REPO / "recipes" / "quickstart.yaml", [f"name={root.name}", *(overrides or [])]

@@ -26,7 +26,8 @@ from cluster.base import JobRecord
 from cluster.slurm import SlurmBackend
 from launcher.config.plan import ClusterFacts, resolve
 from launcher.config.recipe import load_recipe, localize
-from launcher.rundir import RunDir, write_plan
+from launcher.plan_files import write_plan
+from launcher.rundir import RunDir
 
 from .conftest import ENV, ROOT, SECRET, wait_for
 

@@ -19,7 +19,8 @@ from launcher.config.plan import ClusterFacts, Plan, resolve
 from launcher.config.recipe import load_recipe, localize
 from launcher.errors import RunError
 from launcher.pipeline import run_pipeline
-from launcher.rundir import RunDir, write_plan
+from launcher.plan_files import write_plan
+from launcher.rundir import RunDir
 
 from .conftest import PYTHON, QUICKSTART, REPO, cli_env, explain
 

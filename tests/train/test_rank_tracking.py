@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from launcher.rundir import RunDir, write_plan
+from launcher.plan_files import write_plan
+from launcher.rundir import RunDir
 from launcher.train.tracking import tracker_env
 
 from .test_rank_args import build, plan_for

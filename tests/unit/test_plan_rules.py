@@ -16,7 +16,8 @@ from launcher.config.plan import ClusterFacts, Plan, resolve
 from launcher.config.recipe import DataConfig, load_recipe, time_minutes
 from launcher.data.formats import FORMATS
 from launcher.errors import RecipeError
-from launcher.rundir import RunDir, write_plan
+from launcher.plan_files import write_plan
+from launcher.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKEN = sorted((Path(__file__).parent / "broken").glob("*.yaml"))
