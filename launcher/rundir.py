@@ -237,15 +237,21 @@ class RunDir:
 
     def reset_training(self) -> list[Path]:
         """--restart: delete what training, merge and eval wrote (checkpoints, final,
-        merged, eval, metrics, sample logs, the data cache); returns what was removed."""
+        merged, eval, metrics and trackers' files, sample logs, the data cache); returns what
+        was removed."""
         doomed = [self.checkpoints, self.final, self.final_staging, self.merged]
-        doomed += [self.merged_staging, self.eval, self.data_cache, self.tensorboard]
+        doomed += [self.merged_staging, self.eval, self.data_cache, self.tensorboard, self.wandb]
         removed = []
         for directory in doomed:
             if directory.exists():
                 RunDir.remove(directory)
                 removed.append(directory)
-        for file in [self.metrics_file, self.preempted_marker, *self.samples_logs()]:
+        for file in [
+            self.metrics_file,
+            self.preempted_marker,
+            self.mlflow_db,
+            *self.samples_logs(),
+        ]:
             if file.exists():
                 file.unlink()
                 removed.append(file)

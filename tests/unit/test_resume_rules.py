@@ -97,8 +97,11 @@ def test_restart_removes_what_training_wrote(tmp_path: Path) -> None:
     run.metrics_file.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     run.logs.mkdir()
     run.samples_log(0).write_text("{}\n")
+    run.wandb.mkdir()
+    run.mlflow_db.write_text("")
     assert check_resume(plan_for(tmp_path, "method.r=8"), restart=True) is None
     assert not run.checkpoints.exists() and not run.final.exists()
+    assert not run.wandb.exists() and not run.mlflow_db.exists()  # the old run's tracking
     assert not run.metrics_file.exists() and not run.samples_logs()
     assert run.logs.is_dir()  # the logs of earlier attempts stay
 
