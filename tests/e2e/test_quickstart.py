@@ -4,32 +4,17 @@ real vLLM and evaluates; the report shows the fine-tuned model beating the base.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from launcher.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.train
 @pytest.mark.vllm
-def test_make_quickstart_end_to_end(tmp_path: Path) -> None:
-    run_dir = tmp_path / "quickstart"
-    proc = subprocess.run(
-        ["make", "-s", "quickstart", f"RUN_DIR={run_dir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+def test_make_quickstart_end_to_end(quickstart_run: RunDir) -> None:
     # trained, merged (verified against base + adapter), evaluated
-    run = RunDir(run_dir)
+    run = quickstart_run
     assert (run.final / "adapter_model.safetensors").is_file()
     assert run.is_complete(run.merged)
     results = json.loads(run.eval_results.read_text())
