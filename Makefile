@@ -28,7 +28,10 @@ lint: setup
 	$(VENV)/bin/mypy
 
 # the whole suite: unit, real multi-process training, real SLURM, real vLLM, bench smoke
-test: setup cluster-up lint
+# llama.cpp builds in the background meanwhile (scripts/setup.sh); the export tests run last
+test:
+	LLAMA_CPP_BUILD=background bash scripts/setup.sh
+	$(MAKE) cluster-up lint
 	$(PY) -m pytest tests -v --durations=25 -p no:cacheprovider
 
 test-fast: setup

@@ -4,6 +4,7 @@
     tune-launch plan RECIPE [--json]    resolve and print the plan (never imports torch)
     tune-launch tiny ARCH OUT_DIR       write a tiny random model with a tokenizer
     tune-launch merge|serve|eval RUN_DIR
+    tune-launch export RUN_DIR --format gguf|int4
     tune-launch status|logs|cancel RUN_DIR
 
 Exit codes: 0 ok, 2 bad recipe or usage (every problem listed, no traceback), 1 a failed run.
@@ -19,7 +20,19 @@ from typing import Any
 
 from launcher.errors import Problem, RecipeError, RunError
 
-COMMANDS = ("run", "plan", "tiny", "merge", "serve", "eval", "status", "logs", "cancel", "sweep")
+COMMANDS = (
+    "run",
+    "plan",
+    "tiny",
+    "merge",
+    "serve",
+    "eval",
+    "export",
+    "status",
+    "logs",
+    "cancel",
+    "sweep",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a run against an OpenAI-compatible endpoint")
     ev.add_argument("run_dir")
     ev.add_argument("--endpoint", help="use this endpoint instead of starting a server")
+
+    export = sub.add_parser("export", help="the fine-tuned model as GGUF or INT4, validated")
+    export.add_argument("run_dir")
+    export.add_argument("--format", required=True, help="gguf (llama.cpp / Ollama) or int4 (vLLM)")
+    export.add_argument(
+        "--calibration-rows", type=int, help="int4: training rows GPTQ calibrates on (256)"
+    )
 
     for name, text in (("status", "state of the run's job"), ("cancel", "stop the run's job")):
         p = sub.add_parser(name, help=text)
@@ -313,6 +333,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from launcher.export.run import export_run, source_model
+    from launcher.rundir import RunDir
+
+    rows = args.calibration_rows
+    source_model(Path(args.run_dir), args.format, rows)  # exit 2 before taking the lock
+    with RunDir(args.run_dir).lock("tune-launch export"):
+        out = export_run(Path(args.run_dir), args.format, calibration_rows=rows)
+    print(f"exported {args.format}: {out} (validation: {out / 'validation.json'})")
+    return 0
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     from cluster import jobs
 
@@ -337,6 +369,7 @@ HANDLERS = {
     "merge": cmd_merge,
     "serve": cmd_serve,
     "eval": cmd_eval,
+    "export": cmd_export,
     "status": cmd_jobs,
     "logs": cmd_jobs,
     "cancel": cmd_jobs,

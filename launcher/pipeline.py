@@ -168,3 +168,7 @@ def _print_headline(results: dict[str, Any]) -> None:
     for name, metrics in (results.get("metrics") or {}).items():
         if isinstance(metrics, dict) and "exact_match" in metrics:
             print(f"  {name:>14}: exact match {metrics['exact_match']:.3f}", flush=True)
+        elif isinstance(metrics, dict):  # scored in-process (serve/reward_eval.py)
+            for key in ("reward_accuracy", "accuracy"):
+                if key in metrics:
+                    print(f"  {name:>14}: {key.replace('_', ' ')} {metrics[key]:.3f}", flush=True)

@@ -31,6 +31,8 @@ Layout (everything a later stage needs is read back from here):
                                samples-rank{N}.jsonl (train.log_samples),
                                fault-*.fired (tests: launcher/train/faults.py)
     RUN_DIR/eval/              report.md, results.json, plots (NAME.png), lm_eval/
+    RUN_DIR/export/FORMAT/     `tune-launch export`: gguf/ or int4/ files + validation.json
+                               (COMPLETE), staged in export/.FORMAT.tmp
     RUN_DIR/.cache/            caches of the vLLM servers started for the run
 
 A directory is complete when it carries the COMPLETE marker, written last (after an fsync of
@@ -317,6 +319,13 @@ class RunDir:
 
     def eval_plot(self, name: str) -> Path:
         return self.eval / f"{name}.png"
+
+    def export(self, fmt: str) -> Path:
+        """An export of the fine-tuned model (launcher/export/): RUN_DIR/export/FORMAT."""
+        return self.path / "export" / fmt
+
+    def export_staging(self, fmt: str) -> Path:
+        return self.path / "export" / f".{fmt}.tmp"
 
     @property
     def lm_eval(self) -> Path:

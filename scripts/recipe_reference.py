@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from launcher.config.methods import METHODS
+from launcher.config.methods import METHODS, OBJECTIVES
 from launcher.config.recipe import Recipe, list_item_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,9 +89,38 @@ def method_table() -> list[str]:
     return rows
 
 
+def objective_table() -> list[str]:
+    """What the rank's trainer optimises: chosen by data.format, and for preference pairs by
+    train.preference_loss (launcher/config/methods.py OBJECTIVES)."""
+    rows = [
+        "",
+        "Objectives (`data.format`; preference pairs: `train.preference_loss`):",
+        "",
+        "| objective | optimises | trainer | data.format | reference model | options |",
+        "|---|---|---|---|---|---|",
+    ]
+    options = {
+        "dpo": "`dpo_beta`",
+        "orpo": "`dpo_beta` (lambda)",
+        "simpo": "`dpo_beta`, `simpo_gamma`",
+        "kto": "`dpo_beta`",
+        "reward": "`model.num_labels: 1`",
+        "classification": "`model.num_labels`",
+    }
+    for o in OBJECTIVES.values():
+        formats = ", ".join(f"`{f}`" for f in o.formats)
+        reference = "yes (LoRA: the adapter off; full: a copy)" if o.reference else "no"
+        rows.append(
+            f"| `{o.name}` | {o.summary} | `{o.trainer}` | {formats} | {reference} "
+            f"| {options.get(o.name, '-')} |"
+        )
+    return rows
+
+
 def reference() -> str:
     head = ["| field | type | default | meaning |", "|---|---|---|---|"]
-    return "\n".join([BEGIN, *head, *_rows(Recipe, ""), *method_table(), END])
+    tables = [*method_table(), *objective_table()]
+    return "\n".join([BEGIN, *head, *_rows(Recipe, ""), *tables, END])
 
 
 def main() -> int:

@@ -18,19 +18,20 @@ layout="sequential", or serve.mode=merged with a complete merged/ (what gets dep
 two servers one after the other: merged/ (or a full final/), then the base. Few-shot prompts
 longer than the context lose shots (a warning). The train/serve contract is checked on the
 fine-tuned model and recorded (a miss is a warning, not a failure: an undertrained model may
-not stop). Writes RUN_DIR/eval/results.json, report.md and plots
-(serve/report.py); lm-evaluation-harness runs when lm_eval is importable and
-eval.lm_eval_tasks names tasks.
+not stop). On the fine-tuned model's server the train/serve parity gate runs first
+(serve/parity.py: transformers on base + adapter vs the server, eval.parity_examples prompts);
+a mismatch fails the eval once the report is written. lm-evaluation-harness runs the tasks of
+eval.lm_eval_tasks and eval.general_tasks on the fine-tuned model and the base
+(serve/lm_eval.py; the forgetting check compares the general tasks). Serving speed comes from
+the fine-tuned model's own eval requests (serve/speed.py). Writes RUN_DIR/eval/results.json,
+report.md and plots (serve/report.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +41,10 @@ from launcher.config.methods import lora_module
 from launcher.config.plan import Plan
 from launcher.errors import RunError
 from launcher.rundir import RunDir
+from serve import lm_eval
 from serve.contract import chat_ids, check_contract, eos_ids
 from serve.examples import Example, few_shot_shots, held_out, with_shots
+from serve.parity import describe_failure, parity_gate
 from serve.scoring import Target, aggregate, score
 from serve.spec import (
     BASE_NAME,
@@ -51,13 +54,13 @@ from serve.spec import (
     spec_for_base,
     spec_for_run,
 )
+from serve.speed import serving_speed
 from serve.vllm import VLLMServer
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("finetuned", "base", "base_few_shot")
 Layout = Literal["auto", "one-server", "sequential"]
-NO_LM_EVAL_TASKS = {"skipped": "eval.lm_eval_tasks is empty"}
 DEFINITIONS = {
     "exact_match": "normalised prediction == normalised reference (strip, lower, "
     "collapsed whitespace)",
@@ -172,38 +175,6 @@ def list_models(url: str, api_key: str | None) -> dict[str, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------
-# lm-evaluation-harness (optional)
-
-
-def run_lm_eval(
-    url: str, model: str, tokenizer_dir: Path, tasks: list[str], out: Path, api_key: str | None
-) -> dict[str, Any]:
-    """lm-eval's local-completions client against the endpoint; skipped with a reason."""
-    if not tasks:
-        return dict(NO_LM_EVAL_TASKS)
-    if importlib.util.find_spec("lm_eval") is None:
-        reason = "lm_eval is not importable (pip install 'lm-eval[api]')"
-        log.warning("lm-evaluation-harness skipped: %s", reason)
-        return {"skipped": reason}
-    out.mkdir(parents=True, exist_ok=True)
-    model_args = (
-        f"model={model},base_url={url.rstrip('/')}/completions,tokenizer={tokenizer_dir},"
-        "tokenized_requests=False,num_concurrent=4"
-    )
-    argv = [sys.executable, "-m", "lm_eval", "--model", "local-completions"]
-    argv += ["--model_args", model_args, "--tasks", ",".join(tasks), "--output_path", str(out)]
-    env = dict(os.environ, OPENAI_API_KEY=api_key or "EMPTY")
-    with (out / "lm_eval.log").open("w") as fh:
-        code = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
-    if code:
-        return {"error": f"lm_eval exited {code}; see {out / 'lm_eval.log'}", "tasks": tasks}
-    found = sorted(out.rglob("results*.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        return {"error": f"lm_eval wrote no results under {out}", "tasks": tasks}
-    return {"tasks": tasks, "results": json.loads(found[-1].read_text()).get("results", {})}
-
-
-# --------------------------------------------------------------------------------------------
 # The stage
 
 
@@ -223,7 +194,9 @@ class Evaluation:
     predictions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     served: dict[str, dict[str, Any]] = field(default_factory=dict)
     contract: dict[str, Any] = field(default_factory=dict)
-    lm_eval: dict[str, Any] = field(default_factory=lambda: dict(NO_LM_EVAL_TASKS))
+    parity: dict[str, Any] = field(default_factory=dict)
+    lm_eval: dict[str, Any] = field(default_factory=dict)  # variant -> lm-eval run
+    together: dict[str, list[str]] = field(default_factory=dict)  # variant -> same server's
 
     @classmethod
     def prepare(cls, run: RunDir) -> Evaluation:
@@ -256,16 +229,35 @@ class Evaluation:
 
     def answer(self, url: str, root: str, targets: list[Target], serial: bool) -> None:
         """Score `targets` at a ready endpoint; the fine-tuned one also gets the contract
-        check and lm-evaluation-harness."""
+        check and the parity gate, it and the base lm-evaluation-harness."""
         cfg = self.plan.recipe.eval
         fine = next((t for t in targets if t.variant == "finetuned"), None)
         if fine:
             self.contract = _contract(
                 root, fine.model, self.tok_dir, self.api_key, self.examples[0]
             )
-            self.lm_eval = run_lm_eval(
-                url, fine.model, self.tok_dir, cfg.lm_eval_tasks, self.run.lm_eval, self.api_key
-            )
+            if cfg.parity_examples:
+                self.parity = parity_gate(
+                    self.run.final,
+                    self.plan.base_model,
+                    self.tok_dir,
+                    self.examples[: cfg.parity_examples],
+                    base_url=root,
+                    model=fine.model,
+                    max_tokens=cfg.max_tokens,
+                    tolerance=cfg.parity_tolerance,
+                    api_key=self.api_key,
+                )
+        for t in targets:
+            self.together[t.variant] = [o.variant for o in targets if o is not t]
+            if t.variant in ("finetuned", "base") and lm_eval.tasks_of(cfg):
+                tok_dir = self.tok_dir
+                if t.variant == "base" and lm_eval.has_tokenizer(Path(self.plan.eval_baseline)):
+                    tok_dir = Path(self.plan.eval_baseline)  # the base as it is used: its own
+                self.lm_eval[t.variant] = lm_eval.evaluate_variant(
+                    cfg, url, t.model, tok_dir, self.run.lm_eval, t.variant,
+                    api_key=self.api_key, serial=serial,
+                )  # fmt: skip
         found = score(
             url,
             self.api_key,
@@ -288,7 +280,12 @@ def eval_run(
     from serve.report import write_report
 
     started = time.monotonic()
-    ev = Evaluation.prepare(RunDir(Path(run_dir).resolve()))
+    run = RunDir(Path(run_dir).resolve())
+    if run.load_plan().recipe.model.task == "sequence_classification":  # scores, not text
+        from serve.reward_eval import eval_scores
+
+        return eval_scores(run)
+    ev = Evaluation.prepare(run)
     if endpoint:
         served_by = at_endpoint(ev, endpoint)
     elif ev.plan.method.in_process_eval:  # prompt/prefix: no vLLM path (methods.py)
@@ -299,6 +296,8 @@ def eval_run(
         served_by = with_servers(ev, layout)
     results = results_of(ev, endpoint, served_by, time.monotonic() - started)
     write_report(ev.run, results)
+    if ev.parity and not ev.parity.get("ok"):
+        raise RunError(f"{describe_failure(ev.parity)}; report: {ev.run.eval_report}")
     return results
 
 
@@ -326,7 +325,8 @@ def with_servers(ev: Evaluation, layout: Layout) -> str:
     recipe = ev.plan.recipe
     limit = _max_positions(ev.plan)
     need = ev.fit(limit, recipe.eval.max_tokens + 64)
-    length = max(recipe.serve.max_model_len or recipe.data.max_seq_len, need)
+    # data.max_seq_len null (no truncation): what the prompts need, within the positions
+    length = max(recipe.serve.max_model_len or recipe.data.max_seq_len or need, need)
     groups = servers_for(ev.run, ev.plan, layout, min(limit, length) if limit else length)
     for i, (spec, targets) in enumerate(groups):
         name = "eval" if len(groups) == 1 else f"eval-{i}-{spec.served_name}"
@@ -375,7 +375,12 @@ def results_of(
         "definitions": DEFINITIONS,
         "metrics": {v: aggregate(ev.predictions[v]) for v in VARIANTS if v in ev.predictions},
         "contract": ev.contract,
-        "lm_eval": ev.lm_eval,
+        "parity": ev.parity or {"skipped": "eval.parity_examples is 0 or no server"},
+        "speed": {
+            v: serving_speed(rows, cfg.concurrency, ev.together.get(v))
+            for v, rows in ev.predictions.items()
+        },
+        "lm_eval": lm_eval.summary(cfg, ev.lm_eval),
         "seconds": round(seconds, 1),
         "predictions": ev.predictions,
     }

@@ -3,7 +3,7 @@
 Rows are read, validated and split by launcher.data, the code training used, so the held-out
 rows are exactly training's validation rows and the prompts are training's prompts:
     eval.data if set, else data.validation, else the data.val_split rows of data.train.
-    alpaca:     [user: instruction + "\\n\\n" + input] -> output
+    alpaca:     the prompt turns of data.alpaca_prompt -> output
     messages:   every turn before the last assistant turn -> that turn's content
     preference: the prompt turns -> the chosen answer
 Few-shot prompts put eval.few_shot training examples before the question as prior turns.

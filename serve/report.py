@@ -35,6 +35,11 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def _sci(value: float | None) -> str:
+    """A small difference at 2 significant digits (1.2e-07), '-' for none."""
+    return "-" if value is None else f"{value:.2g}"
+
+
 def _cell(text: Any, limit: int = 60) -> str:
     text = "" if text is None else str(text)
     text = text.replace("\n", " ").replace("|", "\\|")
@@ -85,12 +90,9 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str] | None = None
     for title, name in (("Training and validation loss", "loss"), ("Comparison", "comparison")):
         if plots and name in plots:
             out += [f"## {title}", "", f"![{name}]({plots[name]})", ""]
-    lm_eval = results.get("lm_eval") or {}
-    out += ["## lm-evaluation-harness", ""]
-    if "results" in lm_eval:
-        out += ["```json", json.dumps(lm_eval["results"], indent=2, sort_keys=True), "```", ""]
-    else:
-        out += [f"Not run: {lm_eval.get('skipped') or lm_eval.get('error') or 'no tasks'}.", ""]
+    out += parity_section(results.get("parity") or {})
+    out += speed_section(results.get("speed") or {})
+    out += lm_eval_section(results.get("lm_eval") or {})
     preds = results.get("predictions") or {}
     variants = [v for v in results["metrics"] if v in preds]
     if variants:
@@ -110,6 +112,109 @@ def render_markdown(results: dict[str, Any], plots: dict[str, str] | None = None
         out.append("")
     out.append("All numbers and every prediction: `results.json`.")
     return "\n".join(out) + "\n"
+
+
+def parity_section(parity: dict[str, Any]) -> list[str]:
+    """The train/serve parity gate's verdict, its largest difference and the worst prompt."""
+    out = ["## Train/serve parity gate", ""]
+    if "skipped" in parity:
+        return [*out, f"Not run: {parity['skipped']}.", ""]
+    if parity.get("error"):
+        return [*out, f"FAILED: could not run: {_cell(parity['error'], 600)}", ""]
+    worst = parity.get("worst") or {}
+    state = "passed" if parity.get("ok") else "FAILED"
+    out.append(
+        f"{state}: {parity.get('examples')} held-out prompts, transformers on base + adapter (as "
+        f"trained, fp32) vs the server; max |Δ logprob| of a reference token "
+        f"{_sci(parity.get('max_abs_delta'))} nats (tolerance {parity.get('tolerance')}), "
+        f"greedy answers equal on {fmt(parity.get('greedy_agreement'))} of them."
+    )
+    if worst and not parity.get("ok"):
+        out += [
+            "",
+            f"Worst prompt: {_cell(worst.get('question'), 200)} (reference "
+            f"{_cell(worst.get('reference'), 60)}): {_cell('; '.join(worst.get('problems', [])), 600)}",
+        ]
+    return [*out, ""]
+
+
+def speed_section(speed: dict[str, Any]) -> list[str]:
+    """Serving speed per variant, measured on the eval's own streamed requests."""
+    rows = {v: s for v, s in speed.items() if s}
+    if not rows:
+        return []
+    out = [
+        "## Serving speed",
+        "",
+        "Measured on the eval requests themselves (streamed chat completions).",
+        "",
+        "| model | requests | concurrency | output tokens/s | TTFT p50 s | TTFT p95 s | "
+        "latency p50 s | latency p95 s | server shared with |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for variant, s in rows.items():
+        cells = [s.get("requests"), s.get("concurrency"), s.get("output_tokens_per_s")]
+        cells += [s.get(k) for k in ("ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s")]
+        shared = ", ".join(LABELS.get(v, v) for v in s.get("shared_server_with") or []) or "-"
+        out.append(
+            f"| {LABELS.get(variant, variant)} | "
+            + " | ".join(fmt(c) for c in cells)
+            + f" | {shared} |"
+        )
+    return [*out, ""]
+
+
+def lm_eval_section(lm_eval: dict[str, Any]) -> list[str]:
+    """lm-eval's numbers (value ± its stderr) per task and model, then the forgetting check."""
+    out = ["## lm-evaluation-harness", ""]
+    if "tasks" not in lm_eval:
+        reason = lm_eval.get("skipped") or lm_eval.get("error") or "no tasks"
+        return [*out, f"Not run: {reason}.", ""]
+    variants = [v for v in ("finetuned", "base") if v in lm_eval]
+    limit = f", --limit {lm_eval['limit']}" if lm_eval.get("limit") else ""
+    chat = ", ".join(f"{LABELS[v]} {fmt(bool(lm_eval[v].get('chat_template')))}" for v in variants)
+    out.append(
+        "lm-eval's `local-completions` client against the served models (chat template "
+        f"applied: {chat}){limit}; "
+        "value ± lm-eval's standard error."
+    )
+    out += ["", "| task | metric | " + " | ".join(LABELS[v] for v in variants) + " |"]
+    out.append("|---|---|" + "---:|" * len(variants))
+    for task in lm_eval["tasks"]:
+        found = {v: (lm_eval[v].get("tasks") or {}).get(task) or {} for v in variants}
+        names = list(dict.fromkeys(m for v in variants for m in found[v]))
+        for metric in names or ["-"]:
+            cells = []
+            for v in variants:
+                entry = found[v].get(metric)
+                if entry is None:
+                    cells.append(
+                        _cell(lm_eval[v].get("error") or lm_eval[v].get("skipped"), 40) or "-"
+                    )
+                else:
+                    cells.append(f"{fmt(entry['value'])} ± {fmt(entry.get('stderr'))}")
+            out.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    out.append("")
+    forgetting = lm_eval.get("forgetting")
+    if forgetting:
+        flagged = forgetting.get("flagged") or []
+        verdict = (
+            f"FLAGGED: {', '.join(flagged)} fell below {forgetting['ratio']} x the base"
+            if flagged
+            else f"no general task below {forgetting['ratio']} x the base"
+        )
+        out += [f"Forgetting check (eval.general_tasks): {verdict}.", ""]
+        for row in forgetting.get("tasks", []):
+            if row.get("flagged") is None:
+                out.append(f"- {row['task']}: not compared ({row.get('error')})")
+            else:
+                out.append(
+                    f"- {row['task']} ({row['metric']}): base {fmt(row['base'])}, fine-tuned "
+                    f"{fmt(row['finetuned'])}, ratio {fmt(row['ratio'])}"
+                    + (" **FLAGGED**" if row["flagged"] else "")
+                )
+        out.append("")
+    return out
 
 
 def plot_losses(rows: list[dict[str, Any]], out: Path) -> Path | None:

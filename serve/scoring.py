@@ -1,7 +1,9 @@
 """Scoring against an OpenAI-compatible endpoint: greedy answers, metrics, reference logprobs.
 
 score(url, key, targets, examples, shots, ...) sends every (model, example) chat completion
-(temperature 0) with bounded concurrency through the `openai` async client, then scores the
+(temperature 0, streamed: each row records its time to first token, latency, start and end
+and the server's output-token count, serve/speed.py) with bounded concurrency through the
+`openai` async client, then scores the
 reference answers' logprobs: `/tokenize` (vLLM) gives the prompt and prompt+answer ids, and
 `/v1/completions` with echo + logprobs returns the answer tokens' logprobs. Metrics:
     exact_match  normalised prediction == normalised reference (strip, lower, whitespace)
@@ -113,6 +115,7 @@ class _Scorer:
         self.logprobs = asyncio.Semaphore(1 if serial_logprobs else concurrency)
         self.max_tokens = max_tokens
         self.eos = set(eos)
+        self.t0 = time.monotonic()  # request start/end times are seconds after this
 
     async def has_tokenize(self) -> bool:
         resp = await self.http.post(
@@ -164,16 +167,38 @@ class _Scorer:
         async with self.answers:
             started = time.monotonic()
             try:
-                resp = await self.client.chat.completions.create(
-                    model=model, messages=messages, temperature=0, max_tokens=self.max_tokens
-                )
-                row["prediction"] = resp.choices[0].message.content or ""
-                row["finish_reason"] = resp.choices[0].finish_reason
+                await self._stream(row, model, messages, started)
             except Exception as exc:  # one failed request is a wrong answer, not a failed eval
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
             row["latency_s"] = round(time.monotonic() - started, 4)
+            row["start_s"] = round(started - self.t0, 4)
+            row["end_s"] = round(time.monotonic() - self.t0, 4)
         row["exact_match"], row["correct"] = score_prediction(row["prediction"], ex.reference)
         return row
+
+    async def _stream(
+        self, row: dict[str, Any], model: str, messages: list, started: float
+    ) -> None:
+        """One streamed greedy chat completion into `row`: the text, finish reason, time to
+        the first token and the output tokens (the server's usage count)."""
+        stream = await self.client.chat.completions.create(
+            model=model,
+            messages=messages,
+            temperature=0,
+            max_tokens=self.max_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        parts: list[str] = []
+        async for chunk in stream:
+            if chunk.usage is not None:
+                row["completion_tokens"] = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                if (choice.delta.content or choice.finish_reason) and "ttft_s" not in row:
+                    row["ttft_s"] = round(time.monotonic() - started, 4)
+                parts.append(choice.delta.content or "")
+                row["finish_reason"] = choice.finish_reason or row["finish_reason"]
+        row["prediction"] = "".join(parts)
 
     async def add_perplexity(self, row: dict[str, Any], model: str, messages: list) -> None:
         try:

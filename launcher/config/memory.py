@@ -4,14 +4,17 @@ The model, written out so a reader can check it by hand (tests/unit/test_memory.
 - weights: full/LoRA hold every parameter in `model.dtype`; QLoRA holds the blocks' linear
   weights in 4 bits (0.5 byte) plus the quantization constants (one fp32 absmax per 64
   weights, or with double quantization one 8-bit absmax per 64 plus one fp32 per 256 blocks),
-  the rest (embeddings, norms, lm_head) in the compute dtype. ZeRO-3/FSDP divide by the world size.
+  the rest (embeddings, norms, lm_head) in the compute dtype; an 8-bit base (method.quant.bits)
+  1 byte a weight plus one fp32 scale per output row. ZeRO-3/FSDP divide by the world size.
 - trainable parameters: every one (full), or what the method trains (launcher/config/methods.py:
   LoRA A/B matrices and DoRA magnitudes, IA3 scales, prompt/prefix virtual tokens) plus the
   trainable copy peft makes of each module in method.modules_to_save that the shape knows
   (ModelShape.module_params: embeddings, lm_head, classifier heads; the plan warns about
   any other name, which is left out).
-- gradients: 2 bytes per trainable parameter in bf16/fp16, 4 in fp32; ZeRO-2/3 shard them.
-- optimizer: AdamW 8 bytes per trainable parameter (two fp32 moments), the 8-bit ones 2,
+- gradients: full fine-tuning 2 bytes per parameter in bf16/fp16 precision, 4 in fp32;
+  adapters in their dtype (the plan's adapter_dtype). ZeRO-2/3 shard them.
+- optimizer: AdamW 8 bytes per trainable parameter (two fp32 moments; torch's AdamW without
+  DeepSpeed keeps an adapter's moments in its dtype: 4 for bf16 adapters), the 8-bit ones 2,
   adafactor ~4 bytes per row+column (taken as 0.5 byte per parameter); plus a 4-byte fp32 master
   copy when trainable weights are 16-bit under DeepSpeed. ZeRO shards them; offload moves them
   to host RAM.
@@ -62,13 +65,23 @@ class MemoryInputs:
     attention: str = "sdpa"  # eager | sdpa | flash_attention_2 (model.attn_implementation)
     use_dora: bool = False
     num_virtual_tokens: int = 20
+    adapter_dtype: str = "fp32"  # the plan's method.adapter_dtype (adapter methods)
+    quant_bits: int = 4  # qlora: method.quant.bits
 
 
-def weight_bytes(shape: ModelShape, method: str, dtype: str, double_quant: bool) -> float:
+def weight_bytes(
+    shape: ModelShape, method: str, dtype: str, double_quant: bool, bits: int = 4
+) -> float:
     total = shape.total_params()
     if method != "qlora":
         return total * DTYPE_BYTES[dtype]
     quantized = shape.quantizable_params()
+    if bits == 8:  # LLM.int8: 1 byte a weight, one fp32 scale per output row (~ per input width)
+        return (
+            quantized * 1
+            + quantized / shape.hidden_size * 4
+            + (total - quantized) * DTYPE_BYTES[dtype]
+        )
     blocks = quantized / 64
     constants = blocks * 1 + (blocks / 256) * 4 if double_quant else blocks * 4
     return quantized * 0.5 + constants + (total - quantized) * DTYPE_BYTES[dtype]
@@ -120,15 +133,21 @@ def estimate(m: MemoryInputs) -> dict[str, object]:
     sharded_optim = m.strategy in ("zero2", "zero3", "fsdp")
     deepspeed = m.strategy in ("zero2", "zero3")
 
-    weights = weight_bytes(shape, m.method, m.dtype, m.double_quant)
+    weights = weight_bytes(shape, m.method, m.dtype, m.double_quant, m.quant_bits)
     trainable = trainable_params(m)
-    # LoRA adapters live in fp32 when the base is quantized (peft's prepare_model_for_kbit_training)
-    adapter_bytes = trainable * (4 if m.method == "qlora" else DTYPE_BYTES[m.dtype])
+    # adapters train in the plan's adapter dtype, and so do their gradients and AdamW moments
+    trained_dtype = m.dtype if m.method == "full" else m.adapter_dtype
+    adapter_bytes = trainable * DTYPE_BYTES[trained_dtype]
     if m.method != "full":
         weights += adapter_bytes
-    grad_bytes = trainable * (4 if m.precision == "fp32" or m.method == "qlora" else 2)
+    if m.method == "full":
+        grad_bytes = trainable * (4 if m.precision == "fp32" else 2)
+    else:
+        grad_bytes = trainable * DTYPE_BYTES[trained_dtype]
     optim = trainable * optimizer_bytes_per_param(m.optimizer)
-    if deepspeed and DTYPE_BYTES[m.dtype] == 2 and m.method == "full":
+    if not deepspeed and m.method != "full" and m.optimizer.startswith("adamw_torch"):
+        optim = trainable * 2 * DTYPE_BYTES[trained_dtype]  # torch's AdamW: moments in param dtype
+    if deepspeed and DTYPE_BYTES[trained_dtype] == 2:
         optim += trainable * 4  # fp32 master weights
     acts = activation_bytes(
         shape, m.micro_batch_size, m.seq_len, m.gradient_checkpointing, m.attention
@@ -174,7 +193,7 @@ def estimate(m: MemoryInputs) -> dict[str, object]:
         },
         "params": shape.total_params(),
         "trainable_params": trainable,
-        "weight_bytes": int(weight_bytes(shape, m.method, m.dtype, m.double_quant)),
+        "weight_bytes": int(weight_bytes(shape, m.method, m.dtype, m.double_quant, m.quant_bits)),
         "host_ram_load_gib_per_node": gib(host_load),
         "host_ram_merge_gib": gib(merge_bytes),
         "checkpoint_bytes": int(_checkpoint_bytes(m, trainable, optim)),

@@ -11,9 +11,10 @@ parameters the planner counts for each are `trainable_params` below (the same co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from launcher.config.arch import ModelShape
-from launcher.config.schema import MethodConfig
+from launcher.config.schema import MethodConfig, Recipe
 
 
 @dataclass(frozen=True)
@@ -114,3 +115,75 @@ def trainable_params(
         kv = shape.num_kv_heads * shape.head_dim
         return num_virtual_tokens * shape.num_layers * 2 * kv
     raise ValueError(f"no parameter count for method {kind!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Training objectives: what the rank's trainer optimises, decided by the plan
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    summary: str  # one line for the README's objective table
+    trainer: str  # the trainer class the rank builds (launcher/train/trainers.py)
+    formats: tuple[str, ...]  # the data.format values it trains
+    reference: bool  # the trainer keeps a frozen reference model (memory, time)
+
+
+OBJECTIVES: dict[str, Objective] = {
+    o.name: o
+    for o in (
+        Objective("sft", "next-token loss (completion only for chat data)",
+                  "trl.SFTTrainer", ("alpaca", "messages", "text"), reference=False),
+        Objective("dpo", "direct preference optimisation on chosen/rejected pairs",
+                  "trl.DPOTrainer", ("preference",), reference=True),
+        Objective("orpo", "SFT loss on chosen + odds-ratio penalty on rejected",
+                  "trl.experimental.orpo.ORPOTrainer", ("preference",), reference=False),
+        Objective("simpo", "length-normalised reward margin (CPO, loss_type=simpo)",
+                  "trl.experimental.cpo.CPOTrainer", ("preference",), reference=False),
+        Objective("kto", "Kahneman-Tversky: unpaired desirable / undesirable rows",
+                  "trl.KTOTrainer", ("kto",), reference=True),
+        Objective("reward", "Bradley-Terry reward model: one score, chosen above rejected",
+                  "trl.RewardTrainer", ("reward",), reference=False),
+        Objective("classification", "cross-entropy over model.num_labels classes",
+                  "transformers.Trainer", ("classification",), reference=False),
+    )
+}  # fmt: skip
+
+
+def objective_of(recipe: Recipe) -> str:
+    """The objective a recipe trains: its data format's, and for preference pairs
+    train.preference_loss (DPO, ORPO or SimPO)."""
+    fmt = recipe.data.format
+    if fmt == "preference":
+        return recipe.train.preference_loss
+    return next(o.name for o in OBJECTIVES.values() if fmt in o.formats)
+
+
+def objective_args(recipe: Recipe) -> dict[str, Any]:
+    """The objective's own fields of its TRL config (DPOConfig, KTOConfig, ORPOConfig,
+    CPOConfig, RewardConfig), every value decided here once; {} for SFT and classification
+    (their arguments are launcher/train/args.py's)."""
+    train, name = recipe.train, objective_of(recipe)
+    length = {"max_length": recipe.data.max_seq_len}
+    if name == "kto":
+        return {
+            "beta": train.dpo_beta,
+            "desirable_weight": train.kto_desirable_weight,
+            "undesirable_weight": train.kto_undesirable_weight,
+            **length,
+        }
+    if name in ("dpo", "orpo"):
+        return {"beta": train.dpo_beta, **length}
+    if name == "simpo":
+        # CPOConfig's SimPO: no behaviour-cloning term (cpo_alpha=0), as TRL sets for it
+        return {
+            "beta": train.dpo_beta,
+            "loss_type": "simpo",
+            "cpo_alpha": 0.0,
+            "simpo_gamma": train.simpo_gamma,
+            **length,
+        }
+    if name == "reward":
+        return length
+    return {}

@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from launcher.config import arch, memory, render, rules
-from launcher.config.methods import Method, get_method
+from launcher.config.adapter_dtype import resolve_adapter_dtype
+from launcher.config.methods import Method, get_method, objective_args, objective_of
 from launcher.config.schema import Recipe, quant_compute_dtype, quant_storage
 from launcher.errors import RecipeError
 from launcher.rundir import RunDir
@@ -65,6 +66,25 @@ class Plan(BaseModel):
     memory: dict[str, Any] | None
     serve: dict[str, Any]
     warnings: list[str]
+    # what the rank's trainer optimises and its TRL config's own fields (methods.py)
+    objective: str = "sft"
+    objective_args: dict[str, Any] = Field(default_factory=dict)
+    # the adapter's trainable weights' dtype (launcher/config/adapter_dtype.py); None: no adapter
+    # on weights (full, prompt, prefix)
+    adapter_dtype: str | None = None
+    # train.dataloader_workers with `auto` resolved for this node (dataloader_workers_for)
+    dataloader_workers: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_of_older_plans(cls, data: Any) -> Any:
+        """A plan.json written before the objective was planned: the recipe's own."""
+        if isinstance(data, dict) and "objective" not in data and "recipe" in data:
+            recipe = data["recipe"]
+            recipe = Recipe.model_validate(recipe) if isinstance(recipe, dict) else recipe
+            data = {**data, "objective": objective_of(recipe)}
+            data["objective_args"] = objective_args(recipe)
+        return data
 
     @property
     def deepspeed_path(self) -> str | None:
@@ -149,11 +169,12 @@ def _memory(
         world_size=res.nodes * res.gpus_per_node,
         gpus_per_node=res.gpus_per_node,
         micro_batch_size=micro_batch_size,
-        seq_len=recipe.data.max_seq_len,
+        seq_len=recipe.data.max_seq_len or shape.max_position_embeddings,
         gradient_checkpointing=train.gradient_checkpointing,
         offload_optimizer=dist.offload_optimizer,
         offload_params=dist.offload_params,
         double_quant=method.quant.double_quant,
+        quant_bits=method.quant.bits,
         on_gpu=on_gpu,
         merge_shard_gb=recipe.merge.shard_size_gb,
         modules_to_save=tuple(method.modules_to_save),
@@ -161,9 +182,16 @@ def _memory(
         attention=recipe.model.attn_implementation,
         use_dora=method.use_dora,
         num_virtual_tokens=method.num_virtual_tokens,
+        adapter_dtype=resolve_adapter_dtype(recipe) or recipe.model.dtype,
     )
     mem = memory.estimate(inputs)
     warnings = []
+    if recipe.data.max_seq_len is None:
+        warnings.append(
+            "data.max_seq_len is null (no truncation): the memory estimate assumes the "
+            f"model's context length, {shape.max_position_embeddings} tokens; the longest "
+            "example of a batch decides the real peak"
+        )
     per_gpu, host_load = mem["per_gpu_gib"], mem["host_ram_load_gib_per_node"]
     if on_gpu and per_gpu > res.gpu_memory_gib:  # type: ignore[operator]
         tips = "; ".join(memory.suggestions(inputs)) or "more GPUs"
@@ -200,6 +228,15 @@ def _serve_choice(recipe: Recipe, shape: arch.ModelShape | None) -> dict[str, An
     return {"tensor_parallel_size": max(gpus, 1), "reason": "weights exceed one node's budget"}
 
 
+def dataloader_workers_for(recipe: Recipe, cpus: int) -> int:
+    """train.dataloader_workers; `auto` as oumi resolves it: 2 per GPU of the node, at most
+    8 and a quarter of the node's CPUs, at least 1."""
+    workers = recipe.train.dataloader_workers
+    if workers != "auto":
+        return workers
+    return max(1, min(2 * recipe.resources.gpus_per_node, 8, int(cpus * 0.25)))
+
+
 def resolve(recipe: Recipe, facts: ClusterFacts) -> Plan:
     """Resolve a validated recipe into a frozen Plan; RecipeError lists every conflict."""
     shape = _shape(recipe, facts)
@@ -223,10 +260,13 @@ def resolve(recipe: Recipe, facts: ClusterFacts) -> Plan:
         offload_optimizer=dist.offload_optimizer,
         offload_params=dist.offload_params,
         shape=shape,
+        overlap_comm=dist.overlap_comm,
     )
     fsdp = None
     if dist.strategy == "fsdp" and shape:  # rules: fsdp has a known shape
-        fsdp = render.render_fsdp(layer_class=shape.layer_class, offload_params=dist.offload_params)
+        fsdp = render.render_fsdp(
+            layer_class=shape.layer_class, offload_params=dist.offload_params, fsdp=dist.fsdp
+        )
     cpus = res.cpus_per_node or facts.cpus
     threads = max(1, cpus // gpn) if not on_gpu else max(1, min(8, cpus // gpn))
     return Plan(
@@ -281,4 +321,8 @@ def resolve(recipe: Recipe, facts: ClusterFacts) -> Plan:
         memory=mem,
         serve=_serve_choice(recipe, shape),
         warnings=[*facts.warnings, *advice, *mem_warnings],
+        objective=objective_of(recipe),
+        objective_args=objective_args(recipe),
+        adapter_dtype=resolve_adapter_dtype(recipe),
+        dataloader_workers=dataloader_workers_for(recipe, cpus),
     )

@@ -22,6 +22,8 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "gpus_per_node": plan.gpus_per_node,
         "accelerator": "gpu" if plan.on_gpu else "cpu",
         "method": plan.recipe.method.kind,
+        "objective": plan.objective,
+        "objective_args": plan.objective_args,
         "strategy": plan.recipe.distributed.strategy,
         "micro_batch_size": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
@@ -58,7 +60,7 @@ def plan_table(plan: Plan) -> str:
                 "global batch",
                 f"{plan.micro_batch_size} x {plan.gradient_accumulation_steps} x {plan.world_size} = {plan.global_batch_size}",
             ),
-            ("sequence length", r.data.max_seq_len),
+            ("sequence length", r.data.max_seq_len or "no truncation"),
         ]
     )
     out += ["", "training"]
@@ -66,6 +68,10 @@ def plan_table(plan: Plan) -> str:
         [
             ("model", r.model.name_or_path),
             ("method", _method_line(r.method)),
+            (
+                "objective",
+                " ".join([plan.objective, *(f"{k}={v}" for k, v in plan.objective_args.items())]),
+            ),
             (
                 "strategy",
                 r.distributed.strategy
@@ -75,7 +81,9 @@ def plan_table(plan: Plan) -> str:
             (
                 "precision",
                 f"weights {r.model.dtype}, compute {r.train.precision}"
-                + (f", 4-bit storage {plan.quant_storage}" if plan.quant_storage else ""),
+                + (f", 4-bit storage {plan.quant_storage}" if plan.quant_storage else "")
+                + (", 8-bit base" if r.method.kind == "qlora" and r.method.quant.bits == 8 else "")
+                + (f", adapters {plan.adapter_dtype}" if plan.adapter_dtype else ""),
             ),
             ("optimizer", r.train.optimizer),
             ("checkpointing", "on" if r.train.gradient_checkpointing else "off"),

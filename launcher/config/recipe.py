@@ -369,6 +369,11 @@ def localize(recipe: Recipe, base_dir: Path) -> Recipe:
         eval_update["data"] = _localize_one(
             recipe.eval.data, base_dir, "eval.data", problems, is_data=True
         )
+    if recipe.eval.lm_eval_include:
+        eval_update["lm_eval_include"] = [
+            _localize_one(path, base_dir, f"eval.lm_eval_include.{i}", problems, is_data=True)
+            for i, path in enumerate(recipe.eval.lm_eval_include)
+        ]
     if problems:
         raise RecipeError(problems, f"recipe {recipe.name}")
     return recipe.model_copy(

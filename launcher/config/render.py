@@ -14,6 +14,7 @@ import shlex
 from typing import Any
 
 from launcher.config.arch import ModelShape
+from launcher.config.schema_fsdp import FSDP1_ONLY, FsdpConfig
 from launcher.rundir import RunDir
 
 NODE_RANK, MASTER_ADDR, MASTER_PORT = "{node_rank}", "{master_addr}", "{master_port}"
@@ -30,6 +31,7 @@ def render_deepspeed(
     offload_optimizer: bool,
     offload_params: bool,
     shape: ModelShape | None,
+    overlap_comm: bool = True,
 ) -> dict[str, Any] | None:
     """The DeepSpeed config for zero2/zero3, or None for other strategies."""
     if strategy not in ("zero2", "zero3"):
@@ -43,7 +45,7 @@ def render_deepspeed(
 
     zero: dict[str, Any] = {
         "stage": 2 if strategy == "zero2" else 3,
-        "overlap_comm": True,
+        "overlap_comm": overlap_comm,
         "contiguous_gradients": True,
         "reduce_bucket_size": sized(h * h),
     }
@@ -90,7 +92,9 @@ def render_deepspeed(
     return config
 
 
-def render_fsdp(*, layer_class: str, offload_params: bool) -> dict[str, Any]:
+def render_fsdp(
+    *, layer_class: str, offload_params: bool, fsdp: FsdpConfig | None = None
+) -> dict[str, Any]:
     """FSDP2 for distributed.strategy=fsdp: the TrainingArguments keywords (`fsdp`,
     `fsdp_config` in transformers' key names). The rank passes them to its TrainingArguments
     under either launcher, and accelerate.yaml spells the same settings its own way.
@@ -98,19 +102,23 @@ def render_fsdp(*, layer_class: str, offload_params: bool) -> dict[str, Any]:
     Full state dicts: the Trainer saves the final model (the adapter the merge reads) only
     with FULL_STATE_DICT; activation checkpointing stays train.gradient_checkpointing's, in
     the TrainingArguments (transformers refuses both switched on)."""
-    return {
-        "fsdp": True,
-        "fsdp_config": {
-            "version": 2,
-            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "transformer_layer_cls_to_wrap": [layer_class],
-            "reshard_after_forward": True,
-            "cpu_offload": offload_params,
-            "cpu_ram_efficient_loading": True,
-            "state_dict_type": "FULL_STATE_DICT",
-            "activation_checkpointing": False,
-        },
+    fsdp = fsdp or FsdpConfig()
+    config: dict[str, Any] = {
+        "version": fsdp.version,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "transformer_layer_cls_to_wrap": [layer_class],
+        # FSDP2: a bool (full_shard reshards after forward); FSDP1: the strategy's name
+        "reshard_after_forward": fsdp.sharding == "full_shard"
+        if fsdp.version == 2
+        else fsdp.sharding,
+        "cpu_offload": offload_params,
+        "cpu_ram_efficient_loading": True,
+        "state_dict_type": "FULL_STATE_DICT",
+        "activation_checkpointing": False,
     }
+    if fsdp.version == 1:  # rules: these settings only with FSDP1
+        config |= {name: getattr(fsdp, name) for name in FSDP1_ONLY}
+    return {"fsdp": True, "fsdp_config": config}
 
 
 def _accelerate_fsdp(fsdp_config: dict[str, Any]) -> dict[str, Any]:

@@ -32,12 +32,18 @@ RESUMABLE = (
     "train.keep_last",
     "train.early_stopping_patience",
     "train.nan_policy",
+    "train.loss_watchdog_threshold",
+    "train.loss_watchdog_patience",
     "train.restarts",
     "train.min_free_disk",
     "train.log_samples",
     "train.dataloader_workers",
+    "train.dataloader_prefetch_factor",
+    "train.empty_cache_steps",
+    "train.ddp_find_unused_parameters",  # the same gradients, found another way
     "train.save_strategy",
     "train.eval_strategy",
+    "train.evals_per_epoch",
     "train.trackers",
     "train.tf32",  # GPU kernels: the same training, other rounding
     "train.torch_compile",

@@ -14,10 +14,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.config import arch, rules_data, rules_methods, rules_tracking
+from launcher.config import (
+    arch,
+    rules_data,
+    rules_methods,
+    rules_quant,
+    rules_tracking,
+    rules_train,
+)
+from launcher.config.adapter_dtype import adapter_dtype_is_possible
 from launcher.config.arch import ModelShape
 from launcher.config.methods import get_method
-from launcher.config.schema import Recipe, quant_compute_dtype
+from launcher.config.schema import Recipe
 from launcher.errors import Problem
 
 
@@ -30,36 +38,6 @@ class Candidate:
     shape: ModelShape | None
     model_config: dict[str, Any] | None
     run_dir: str
-
-
-def qlora_storage_equals_compute_when_sharded(c: Candidate) -> list[Problem]:
-    method, strategy = c.recipe.method, c.recipe.distributed.strategy
-    if method.kind != "qlora" or strategy not in ("zero3", "fsdp"):
-        return []
-    compute = quant_compute_dtype(c.recipe)
-    if method.quant.quant_storage in (None, compute):
-        return []
-    return [
-        Problem(
-            "method.quant.quant_storage",
-            f"QLoRA under {strategy} needs the 4-bit storage dtype equal to the compute dtype "
-            f"({compute}), or shards of different dtypes cannot be flattened",
-            f"remove it (it is then set to {compute}) or set it to {compute}",
-            method.quant.quant_storage,
-        )
-    ]
-
-
-def quant_settings_need_qlora(c: Candidate) -> list[Problem]:
-    method = c.recipe.method
-    if method.kind == "qlora" or "quant" not in method.model_fields_set:
-        return []
-    why = (
-        f"4-bit settings with method.kind={method.kind}: a 4-bit base cannot be fully fine-tuned"
-        if method.kind == "full"
-        else "4-bit settings only apply to qlora"
-    )
-    return [Problem("method.quant", why, "use method.kind=qlora, or remove method.quant")]
 
 
 def fp16_needs_gpu(c: Candidate) -> list[Problem]:
@@ -126,12 +104,17 @@ def fsdp_needs_known_layer_class(c: Candidate) -> list[Problem]:
 
 
 def gpu_settings_need_gpu(c: Candidate) -> list[Problem]:
-    """TF32 and torch.compile are GPU settings: transformers refuses TF32 without CUDA, and
-    compiling on the CPU hosts of this launcher is not what a recipe tuned for GPUs means."""
+    """TF32, torch.compile and Liger are GPU settings: transformers refuses TF32 without CUDA,
+    Liger's kernels are Triton (GPU), and compiling on the CPU hosts of this launcher is not
+    what a recipe tuned for GPUs means."""
     train = c.recipe.train
     if c.recipe.resources.accelerator == "gpu":
         return []
-    found = {"train.tf32": train.tf32, "train.torch_compile": train.torch_compile}
+    found = {
+        "train.tf32": train.tf32,
+        "train.torch_compile": train.torch_compile,
+        "model.liger_kernel": c.recipe.model.liger_kernel,
+    }
     return [
         Problem(
             path, "a GPU setting on a CPU host", "remove it, or resources.accelerator=gpu", value
@@ -230,6 +213,8 @@ def eval_needs_serving(c: Candidate) -> list[Problem]:
     if not c.recipe.eval.enabled or c.recipe.serve.enabled:
         return []
     if get_method(c.recipe.method.kind).in_process_eval:
+        return []
+    if c.recipe.model.task == "sequence_classification":  # scored in-process (reward_eval)
         return []
     return [
         Problem(
@@ -430,8 +415,9 @@ Advice = Callable[[Candidate], list[str]]
 
 RULES: list[Rule] = [  # data rules: rules_data.py
     global_batch_divides_evenly,
-    qlora_storage_equals_compute_when_sharded,
-    quant_settings_need_qlora,
+    rules_quant.qlora_storage_equals_compute_when_sharded,
+    rules_quant.quant_settings_need_qlora,
+    rules_quant.eight_bit_settings_fit,
     fp16_needs_gpu,
     fp16_not_for_bf16_models,
     fp16_weights_not_trained_in_bf16,
@@ -439,6 +425,10 @@ RULES: list[Rule] = [  # data rules: rules_data.py
     fsdp_needs_known_layer_class,
     gpu_settings_need_gpu,
     warmup_given_once,
+    rules_train.evals_per_epoch_counts_epochs,
+    rules_train.overlap_comm_is_deepspeeds,
+    rules_train.loader_settings_fit,
+    rules_train.fsdp_settings_fit_their_version,
     offload_params_needs_zero3,
     offload_optimizer_needs_zero,
     offload_optimizer_needs_adamw_torch,
@@ -446,6 +436,7 @@ RULES: list[Rule] = [  # data rules: rules_data.py
     rules_data.classification_needs_num_labels,
     encoder_cannot_generate,
     rules_data.packing_needs_packable_format,
+    rules_data.packing_needs_a_length,
     rules_data.weights_given_for_every_source_or_none,
     rules_data.validation_sources_are_used_whole,
     rules_data.subset_and_split_are_a_hub_datasets,
@@ -454,11 +445,15 @@ RULES: list[Rule] = [  # data rules: rules_data.py
     rules_tracking.mlflow_store_is_a_database_or_server,
     lora_serving_needs_an_adapter,
     rules_methods.lora_options_need_lora,
+    adapter_dtype_is_possible,
     rules_methods.virtual_token_options_need_prompt_learning,
     rules_methods.unmergeable_methods_are_not_merged_or_served,
     rules_methods.lora_module_serving_is_plain_lora,
     rules_methods.prompt_learning_not_under_zero3,
     rules_methods.prefix_tuning_without_gradient_checkpointing,
+    rules_methods.preference_settings_need_preference_pairs,
+    rules_methods.reward_model_has_one_output,
+    rules_methods.kto_needs_two_rows_per_batch,
     eval_needs_serving,
     serving_needs_a_generative_model,
     tensor_parallel_divides_heads,
@@ -471,6 +466,7 @@ RULES: list[Rule] = [  # data rules: rules_data.py
 ]
 
 ADVICE: list[Advice] = [
+    rules_train.fsdp1_is_deprecated,
     cpu_engine_on_gpus,
     save_steps_within_max_steps,
     shape_known_for_the_estimate,

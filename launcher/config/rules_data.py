@@ -53,6 +53,21 @@ def packing_needs_packable_format(c: Candidate) -> list[Problem]:
     ]
 
 
+def packing_needs_a_length(c: Candidate) -> list[Problem]:
+    """Packing fills blocks of data.max_seq_len tokens: without a length there are none."""
+    data = c.recipe.data
+    if not data.packing or data.max_seq_len is not None:
+        return []
+    return [
+        Problem(
+            "data.max_seq_len",
+            "null (no truncation) with data.packing: packing fills blocks of max_seq_len tokens",
+            "set data.max_seq_len to the block length, or data.packing=false",
+            None,
+        )
+    ]
+
+
 def weights_given_for_every_source_or_none(c: Candidate) -> list[Problem]:
     """A weight is a share of the mix relative to the others': a source without one has no
     share to compare (and one source alone has nothing to share with)."""
@@ -111,7 +126,7 @@ def subset_and_split_are_a_hub_datasets(c: Candidate) -> list[Problem]:
                     "remove it (max_samples caps a source's rows), or name a hub dataset",
                     getattr(source, key),
                 )
-                for key in ("subset", "split")
+                for key in ("subset", "data_dir", "split")
                 if getattr(source, key) != type(source).model_fields[key].default
             ]
     return problems

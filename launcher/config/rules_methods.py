@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from launcher.config.methods import get_method
+from launcher.config.methods import get_method, objective_of
 from launcher.errors import Problem
 
 if TYPE_CHECKING:
@@ -141,5 +141,89 @@ def prefix_tuning_without_gradient_checkpointing(c: Candidate) -> list[Problem]:
             "attention mask and prefix keys differ in length: peft 0.21, transformers 5)",
             "set train.gradient_checkpointing=false, or use method.kind=prompt",
             True,
+        )
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The objectives (methods.OBJECTIVES): settings one cannot honour
+
+
+def preference_settings_need_preference_pairs(c: Candidate) -> list[Problem]:
+    """train.preference_loss and train.simpo_gamma choose among the pair objectives; any
+    other data format trains another objective, which would silently ignore them."""
+    recipe, given = c.recipe, c.recipe.train.model_fields_set
+    objective = objective_of(recipe)
+    problems = []
+    if "preference_loss" in given and recipe.data.format != "preference":
+        problems.append(
+            Problem(
+                "train.preference_loss",
+                f"data.format={recipe.data.format} trains the {objective} objective, not a "
+                "preference loss",
+                "use data.format=preference, or remove train.preference_loss",
+                recipe.train.preference_loss,
+            )
+        )
+    for name in ("kto_desirable_weight", "kto_undesirable_weight"):
+        if name in given and objective != "kto":
+            problems.append(
+                Problem(
+                    f"train.{name}",
+                    f"a KTO weight; data.format={recipe.data.format} trains {objective}",
+                    "use data.format=kto, or remove it",
+                    getattr(recipe.train, name),
+                )
+            )
+    if "simpo_gamma" in given and objective != "simpo":
+        problems.append(
+            Problem(
+                "train.simpo_gamma",
+                f"the SimPO margin does not apply to the {objective} objective",
+                "set train.preference_loss=simpo (data.format=preference), or remove it",
+                recipe.train.simpo_gamma,
+            )
+        )
+    return problems
+
+
+def reward_model_has_one_output(c: Candidate) -> list[Problem]:
+    """A reward model scores a text with one number (TRL's RewardTrainer: chosen above
+    rejected, Bradley-Terry)."""
+    recipe = c.recipe
+    labels = recipe.model.num_labels
+    if recipe.data.format == "classification" and labels == 1:
+        return [
+            Problem(
+                "model.num_labels",
+                "a classifier needs two classes or more (one output is a reward model's score)",
+                "set model.num_labels to the number of classes, or use data.format=reward",
+                labels,
+            )
+        ]
+    if recipe.data.format != "reward" or labels in (None, 1):
+        return []
+    return [
+        Problem(
+            "model.num_labels",
+            f"a reward model has one output (its score), not {labels}",
+            "set model.num_labels=1",
+            labels,
+        )
+    ]
+
+
+def kto_needs_two_rows_per_batch(c: Candidate) -> list[Problem]:
+    """TRL's KTOTrainer estimates its KL term from the other completions of the same
+    micro-batch, and refuses a micro-batch of one row."""
+    recipe = c.recipe
+    if objective_of(recipe) != "kto" or recipe.train.micro_batch_size > 1:
+        return []
+    return [
+        Problem(
+            "train.micro_batch_size",
+            "KTO estimates its KL term from the other rows of a micro-batch: one row has none",
+            "set train.micro_batch_size to 2 or more",
+            recipe.train.micro_batch_size,
         )
     ]

@@ -16,7 +16,9 @@ from pydantic import Field, field_validator
 from launcher.config.schema_data import DataConfig as DataConfig
 from launcher.config.schema_data import DataSource as DataSource
 from launcher.config.schema_data import DataSources as DataSources
-from launcher.config.sections import Dtype, Section, Tracker
+from launcher.config.schema_fsdp import FsdpConfig
+from launcher.config.schema_train import TrainConfig as TrainConfig
+from launcher.config.sections import Dtype, Section
 
 SECRET_DEFAULTS = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"]
 
@@ -42,17 +44,32 @@ class ModelConfig(Section):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to from_pretrained."
     )
+    liger_kernel: bool = Field(
+        False,
+        description="GPU: Liger's Triton kernels (transformers' use_liger_kernel: RoPE, "
+        "RMSNorm, SwiGLU and the fused linear cross-entropy; axolotl's liger_* set, oumi's "
+        "enable_liger_kernel). Needs the liger-kernel package on the cluster.",
+    )
     task: Literal["causal_lm", "sequence_classification"] = Field(
         "causal_lm",
         description="causal_lm for SFT/DPO/continued pretraining; "
         "sequence_classification for label prediction with an encoder.",
     )
     num_labels: int | None = Field(
-        None, ge=2, description="Number of classes (sequence_classification only)."
+        None,
+        ge=1,
+        description="Number of classes (sequence_classification only); 1 for a reward model "
+        "(data.format=reward).",
     )
 
 
 class QuantConfig(Section):
+    bits: Literal[4, 8] = Field(
+        4,
+        description="Bits of the quantized base: 4 (QLoRA, NF4/FP4) or 8 (LLM.int8: axolotl's "
+        "load_in_8bit, LLaMA-Factory's quantization_bit 8; the 4-bit settings below do not "
+        "apply, and ZeRO-3/FSDP cannot shard it).",
+    )
     type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bitsandbytes).")
     double_quant: bool = Field(True, description="Quantize the quantization constants too.")
     compute_dtype: Dtype | None = Field(
@@ -69,7 +86,7 @@ class MethodConfig(Section):
     kind: Literal["full", "lora", "qlora", "ia3", "prompt", "prefix"] = Field(
         "lora",
         description="full: train every weight; lora: low-rank adapters; qlora: adapters "
-        "on a 4-bit base; ia3: learned scaling vectors on target_modules (IA3); prompt: "
+        "on a quantized base (4-bit, or 8-bit with method.quant.bits); ia3: learned scaling vectors on target_modules (IA3); prompt: "
         "trained virtual-token embeddings before the input (prompt tuning); prefix: trained "
         "keys/values prepended at every layer (prefix tuning). prompt and prefix cannot be "
         "merged or served by vLLM: eval generates in-process (launcher/config/methods.py).",
@@ -86,6 +103,13 @@ class MethodConfig(Section):
     )
     use_rslora: bool = Field(
         False, description="lora/qlora: rank-stabilised LoRA, scaling = alpha / sqrt(r)."
+    )
+    adapter_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="lora/qlora/ia3: dtype of the trained adapter weights (and so of their "
+        "optimizer states). auto: what peft and TRL pick, named in the plan: fp32, the "
+        "model's dtype under ZeRO-3, bf16 for qlora (DoRA's magnitude left fp32). bf16: "
+        "torchtune's adapters, every trained weight (launcher/config/adapter_dtype.py).",
     )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
@@ -106,96 +130,6 @@ class MethodConfig(Section):
         description="Modules trained in full and saved with the adapter (e.g. a classifier head).",
     )
     quant: QuantConfig = Field(default_factory=QuantConfig, description="QLoRA 4-bit settings.")
-
-
-class TrainConfig(Section):
-    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored with max_steps).")
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
-    micro_batch_size: int = Field(1, gt=0, description="Examples per process per forward pass.")
-    global_batch_size: int = Field(
-        8,
-        gt=0,
-        description="Examples per optimizer step over all processes; gradient "
-        "accumulation is derived from it.",
-    )
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        "cosine", description="Learning-rate schedule."
-    )
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps for warmup.")
-    warmup_steps: int | None = Field(
-        None, ge=0, description="Warmup in optimizer steps, instead of train.warmup_ratio."
-    )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float | None = Field(
-        1.0, ge=0, description="Gradient clipping norm; 0 or null: no clipping."
-    )
-    optimizer: Literal[
-        "adamw_torch",
-        "adamw_torch_fused",
-        "adamw_bnb_8bit",
-        "paged_adamw_8bit",
-        "paged_adamw_32bit",
-        "adafactor",
-    ] = Field(
-        "adamw_torch",
-        description="Optimizer by name (transformers' names); adamw_torch_fused: torch's fused "
-        "AdamW kernel, one launch per parameter group.",
-    )
-    dataloader_workers: int = Field(
-        0, ge=0, le=64, description="Worker processes loading batches, per rank (0: in the rank)."
-    )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations (non-reentrant)."
-    )
-    precision: Literal["bf16", "fp16", "fp32"] = Field(
-        "bf16", description="Mixed-precision mode of training."
-    )
-    seed: int = Field(42, description="Seed of weights init (adapters), dropout and data order.")
-    save_steps: int = Field(100, gt=0, description="Checkpoint every N optimizer steps.")
-    save_strategy: Literal["steps", "epoch"] = Field(
-        "steps", description="Checkpoint every train.save_steps steps, or at each epoch's end."
-    )
-    eval_steps: int | None = Field(
-        None, gt=0, description="Evaluate every N steps; default save_steps."
-    )
-    eval_strategy: Literal["steps", "epoch"] | None = Field(
-        None,
-        description="Evaluate every train.eval_steps steps, or at each epoch's end; default: "
-        "train.save_strategy.",
-    )
-    trackers: list[Tracker] = Field(
-        default_factory=lambda: list[Tracker](["tensorboard"]),
-        description="Metric trackers the Trainer reports to ([] for none): tensorboard "
-        "(RUN_DIR/tb), wandb, mlflow (settings: the tracking section); metrics.jsonl "
-        "is always written.",
-    )
-    tf32: bool | None = Field(
-        None,
-        description="GPU only: TF32 matmuls on Ampere or newer (transformers' tf32); "
-        "default: PyTorch's.",
-    )
-    torch_compile: bool = Field(
-        False, description="GPU only: compile the model with torch.compile (inductor)."
-    )
-    logging_steps: int = Field(10, gt=0, description="Log metrics every N steps.")
-    keep_last: int = Field(2, ge=1, description="Complete checkpoints kept on disk.")
-    log_samples: bool = Field(
-        False,
-        description="Log which training rows each optimizer step used, per rank, to "
-        "RUN_DIR/logs/samples-rank{N}.jsonl (audits data order across resumes).",
-    )
-    early_stopping_patience: int | None = Field(
-        None, gt=0, description="Stop after N evaluations without a better validation loss."
-    )
-    dpo_beta: float = Field(0.1, gt=0, description="DPO beta (preference format).")
-    nan_policy: Literal["stop", "skip"] = Field(
-        "stop", description="Non-finite loss: stop the run, or skip the step."
-    )
-    restarts: int = Field(0, ge=0, le=100, description="Local restarts after a rank dies.")
-    min_free_disk: Literal["refuse", "warn"] = Field(
-        "refuse", description="When free disk is below the planned checkpoint size."
-    )
 
 
 class TrackingConfig(Section):
@@ -225,6 +159,15 @@ class DistributedConfig(Section):
         "each transformer block, so the model's architecture must be known).",
     )
     offload_optimizer: bool = Field(False, description="ZeRO: optimizer states in host RAM.")
+    fsdp: FsdpConfig = Field(
+        default_factory=FsdpConfig,
+        description="strategy=fsdp: FSDP version and sharding (launcher/config/schema_fsdp.py).",
+    )
+    overlap_comm: bool = Field(
+        True,
+        description="ZeRO: overlap the gradient reduction with the backward pass (DeepSpeed's "
+        "overlap_comm; false as in LLaMA-Factory's ds_z3_config.json, less memory for buckets).",
+    )
     offload_params: bool = Field(
         False, description="ZeRO-3 or FSDP: parameters (FSDP: and their optimizer) in host RAM."
     )
@@ -353,7 +296,41 @@ class EvalConfig(Section):
         "multi-stage workflow sets the first stage's, so the last stage is compared with it).",
     )
     lm_eval_tasks: list[str] = Field(
-        default_factory=list, description="lm-evaluation-harness tasks, when lm-eval is installed."
+        default_factory=list,
+        description="lm-evaluation-harness tasks run against the served fine-tuned model and the "
+        "base (names lm-eval knows offline, or tasks from eval.lm_eval_include).",
+    )
+    lm_eval_include: list[str] = Field(
+        default_factory=list,
+        description="Local lm-eval task YAML files or directories (relative to the recipe; "
+        "data_files relative to the YAML), passed to lm-eval as --include_path.",
+    )
+    lm_eval_limit: int | None = Field(
+        None, gt=0, description="lm-eval --limit: examples per task (default: all)."
+    )
+    general_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval tasks measuring what the base could already do, scored for base and "
+        "fine-tuned: the forgetting check.",
+    )
+    forgetting_ratio: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="The report flags a general task whose fine-tuned score falls below this "
+        "fraction of the base's.",
+    )
+    parity_examples: int = Field(
+        8,
+        ge=0,
+        description="Held-out prompts in the train/serve parity gate (transformers on base + "
+        "adapter vs the server): 0 turns the gate off.",
+    )
+    parity_tolerance: float = Field(
+        0.05,
+        gt=0,
+        description="Largest |difference| of a reference token's log-probability (nats) "
+        "between transformers and the server that the parity gate accepts.",
     )
 
 
@@ -399,8 +376,9 @@ class Recipe(Section):
 
 
 def quant_compute_dtype(recipe: Recipe) -> str | None:
-    """QLoRA's 4-bit matmul dtype: method.quant.compute_dtype, default model.dtype."""
-    if recipe.method.kind != "qlora":
+    """QLoRA's 4-bit matmul dtype: method.quant.compute_dtype, default model.dtype (None for
+    other methods and for an 8-bit base)."""
+    if recipe.method.kind != "qlora" or recipe.method.quant.bits != 4:
         return None
     return recipe.method.quant.compute_dtype or recipe.model.dtype
 
@@ -408,8 +386,8 @@ def quant_compute_dtype(recipe: Recipe) -> str | None:
 def quant_storage(recipe: Recipe) -> str | None:
     """QLoRA's storage dtype of packed 4-bit weights: the compute dtype under ZeRO-3/FSDP
     (shards of one dtype flatten together; rules.py refuses another), else the recipe's,
-    default uint8."""
-    if recipe.method.kind != "qlora":
+    default uint8 (None for other methods and for an 8-bit base)."""
+    if recipe.method.kind != "qlora" or recipe.method.quant.bits != 4:
         return None
     if recipe.distributed.strategy in ("zero3", "fsdp"):
         return quant_compute_dtype(recipe)

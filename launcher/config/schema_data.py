@@ -22,6 +22,11 @@ class DataSource(Section):
         description="Hub datasets: the configuration (subset) name, e.g. `en`; default: the "
         "dataset's default configuration.",
     )
+    data_dir: str | None = Field(
+        None,
+        description="Hub datasets: read only the files under this folder of the dataset "
+        "(datasets' data_dir, e.g. `data/rl` of stack-exchange-paired).",
+    )
     split: str = Field(
         "train",
         description="Hub datasets: the split, with an optional slice as datasets writes it "
@@ -58,13 +63,17 @@ class DataConfig(Section):
         None,
         description="Validation source(s), used whole; default: a split of each train source.",
     )
-    format: Literal["alpaca", "messages", "text", "preference", "classification"] = Field(
+    format: Literal[
+        "alpaca", "messages", "text", "preference", "classification", "kto", "reward"
+    ] = Field(
         "alpaca",
         description="alpaca: instruction/input/output; messages: OpenAI-style chat, every "
         "assistant turn trained (data.assistant_turns); text: raw text (continued pretraining); "
         "preference: prompt/chosen/rejected (DPO), chosen/rejected as answers or as whole "
-        "conversations repeating the prompt (Argilla/UltraFeedback); classification: text + "
-        "label columns.",
+        "conversations repeating the prompt (Argilla/UltraFeedback), trained by "
+        "train.preference_loss; classification: text + label columns; kto: unpaired "
+        "prompt/completion/label (true: desirable) rows (KTO); reward: prompt/chosen/rejected "
+        "pairs for a reward model (model.task=sequence_classification, model.num_labels=1).",
     )
     chat_template: str | None = Field(
         None,
@@ -72,15 +81,31 @@ class DataConfig(Section):
         "missing, their end-of-turn token made EOS), or Jinja text; default: the tokenizer's "
         "own.",
     )
+    alpaca_prompt: Literal["joined", "joined_newline", "stanford_system", "stanford_user"] = Field(
+        "joined",
+        description="How an alpaca row becomes the prompt: joined (user: instruction, blank "
+        "line, input); joined_newline (one newline: LLaMA-Factory); stanford_system (the "
+        "Stanford Alpaca preamble as a system turn, the input under '### Input:': oumi, and "
+        "axolotl's text with chat_template alpaca); stanford_user (the whole Stanford prompt "
+        "in the user turn: torchtune).",
+    )
     eos_token: str | None = Field(
         None, description="EOS token, a token of the vocabulary; default: the tokenizer's."
     )
     pad_token: str | None = Field(
         None,
-        description="Pad token (added when not in the vocabulary; never the EOS); default: "
-        "the tokenizer's when distinct from EOS, else a free one.",
+        description="Pad token (added when not in the vocabulary; the EOS itself allowed "
+        "except for a classifier: padding is masked by the attention mask, not by id); "
+        "default: the tokenizer's when distinct from EOS, else a free one.",
     )
-    max_seq_len: int = Field(2048, gt=0, le=1_048_576, description="Tokens per example.")
+    max_seq_len: int | None = Field(
+        2048,
+        gt=0,
+        le=1_048_576,
+        description="Tokens per example, longer ones truncated; null: no truncation, every "
+        "example whole (torchtune's max_seq_len: null; not with packing). The memory estimate "
+        "then assumes the model's context length, the longest an example can be.",
+    )
     packing: bool = Field(False, description="Pack several examples into one sequence.")
     val_split: float = Field(
         0.0,

@@ -165,7 +165,9 @@ def _hub_problem(field_name: str, message: str, fix: str, value: str) -> RecipeE
     return RecipeError([Problem(field_name, message, fix, value)], "data")
 
 
-def _load_offline(dataset_id: str, subset: str | None, split: str) -> Any:
+def _load_offline(
+    dataset_id: str, subset: str | None, split: str, data_dir: str | None = None
+) -> Any:
     """The split of a hub dataset without any network: from its snapshot in the hub cache
     (what `hf download --repo-type dataset` leaves), else from the datasets cache of an earlier
     `datasets.load_dataset` (HF_DATASETS_CACHE). LookupError when it is in neither."""
@@ -178,11 +180,11 @@ def _load_offline(dataset_id: str, subset: str | None, split: str) -> Any:
     except (huggingface_hub.errors.LocalEntryNotFoundError, ValueError):
         folder = None
     if folder is not None:
-        return datasets.load_dataset(folder, subset, split=split)
+        return datasets.load_dataset(folder, subset, split=split, data_dir=data_dir)
     # offline for this call even when the environment says otherwise: never a network wait
     offline, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, True
     try:
-        return datasets.load_dataset(dataset_id, subset, split=split)
+        return datasets.load_dataset(dataset_id, subset, split=split, data_dir=data_dir)
     except (ConnectionError, FileNotFoundError) as exc:
         raise LookupError(str(exc)) from None
     finally:
@@ -190,7 +192,7 @@ def _load_offline(dataset_id: str, subset: str | None, split: str) -> Any:
 
 
 def _read_hub(
-    dataset_id: str, subset: str | None, split: str, field_name: str
+    dataset_id: str, subset: str | None, split: str, field_name: str, data_dir: str | None = None
 ) -> list[tuple[int, Row]]:
     """A hub dataset's rows, read offline from the local Hugging Face cache."""
     if dataset_id.count("/") > 1 or dataset_id.startswith(("/", ".", "~")):
@@ -201,7 +203,7 @@ def _read_hub(
             dataset_id,
         )
     try:
-        rows = _load_offline(dataset_id, subset, split)
+        rows = _load_offline(dataset_id, subset, split, data_dir)
     except LookupError:
         raise _hub_problem(
             field_name,
@@ -229,12 +231,17 @@ def _read_hub(
 
 
 def read_rows(
-    source: str, field_name: str = "data.train", *, subset: str | None = None, split: str = "train"
+    source: str,
+    field_name: str = "data.train",
+    *,
+    subset: str | None = None,
+    split: str = "train",
+    data_dir: str | None = None,
 ) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
     """(row number, row) pairs and unreadable rows. RecipeError: missing or empty file, a hub
-    dataset not in the local cache. `subset` and `split` are a hub dataset's."""
+    dataset not in the local cache. `subset`, `split` and `data_dir` are a hub dataset's."""
     if not is_local(source) and not Path(source).exists():
-        return _read_hub(source, subset, split, field_name), []
+        return _read_hub(source, subset, split, field_name, data_dir), []
     path = Path(source).expanduser()
     if path.is_dir():
         raise RecipeError(

@@ -13,12 +13,16 @@ Pure Python: the plan imports this on the submitting host without torch.
     preference      prompt, chosen, rejected: str or message lists (DPO); chosen/rejected may
                     repeat the prompt's turns first (Argilla/UltraFeedback), stripped
     classification  <text_column>: str, <label_column>: int in [0, num_labels) or str
+    kto             prompt, completion: str or message lists; label: bool (true: the
+                    completion is desirable) - unpaired rows (KTO)
+    reward          prompt, chosen, rejected as for preference: pairs a reward model scores
 
 Rows given to the trainers: alpaca and messages become conversational prompt/completion
 (the completion is the last assistant turn; evaluation reads them so), which the rank then
 tokenizes with a loss mask over every assistant turn (launcher/data/turns.py); preference
 becomes conversational prompt/chosen/rejected, text stays {"text"}, classification
-{"text", "label"}.
+{"text", "label"}, kto conversational prompt/completion with its bool label, reward as
+preference.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
 
 Row = dict[str, Any]
 ROLES = ("system", "user", "assistant", "tool")
-Trainer = Literal["sft", "dpo", "classification"]
+Trainer = Literal["sft", "dpo", "classification", "kto", "reward"]
 Task = Literal["causal_lm", "sequence_classification"]
 
 
@@ -49,7 +53,10 @@ class Example:
 @dataclass(frozen=True)
 class DataFormat:
     name: str
-    trainer: Trainer  # sft: TRL SFTTrainer, dpo: TRL DPOTrainer, classification: Trainer
+    # sft: TRL SFTTrainer; dpo: pairs for train.preference_loss (DPO, ORPO, SimPO); kto: TRL
+    # KTOTrainer; reward: TRL RewardTrainer; classification: transformers' Trainer (the plan's
+    # objective, launcher/config/methods.py)
+    trainer: Trainer
     task: Task  # the model.task it trains
     chat: bool  # rows go through the tokenizer's chat template
     packable: bool  # data.packing applies
@@ -96,17 +103,23 @@ def _messages_problem(value: Any, key: str, *, last_assistant: bool) -> str | No
 
 
 def _turn_problem(row: Row, key: str, *, completion: bool) -> str | None:
+    """A string, a list of {role, content} turns, or one such turn as an object (LLaMA-Factory's
+    and axolotl's preference pairs give each answer as one message)."""
     if key not in row or row[key] is None:
         return f"missing field {key!r}"
     value = row[key]
     if isinstance(value, str):
         return f"empty {key!r}" if not value.strip() else None
+    if isinstance(value, dict):
+        value = [value]
     return _messages_problem(value, key, last_assistant=completion)
 
 
 def _as_turns(value: Any, role: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
+    if isinstance(value, dict):
+        value = [value]
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -130,11 +143,10 @@ def _alpaca_problem(row: Row, data: DataConfig, num_labels: int | None) -> str |
 
 
 def _alpaca_convert(row: Row, data: DataConfig, labels: dict[str, int] | None) -> Row:
-    user = row["instruction"]
-    if row.get("input"):
-        user = f"{user}\n\n{row['input']}"
+    from launcher.data.templates import alpaca_turns
+
     return {
-        "prompt": [{"role": "user", "content": user}],
+        "prompt": alpaca_turns(row["instruction"], row.get("input") or "", data.alpaca_prompt),
         "completion": [{"role": "assistant", "content": row["output"]}],
     }
 
@@ -242,6 +254,31 @@ def _classification_convert(row: Row, data: DataConfig, labels: dict[str, int] |
 
 
 # --------------------------------------------------------------------------------------------
+# kto
+
+
+def _kto_problem(row: Row, data: DataConfig, num_labels: int | None) -> str | None:
+    problem = _turn_problem(row, "prompt", completion=False) or _turn_problem(
+        row, "completion", completion=True
+    )
+    if problem:
+        return problem
+    if "label" not in row or row["label"] is None:
+        return "missing field 'label' (true: the completion is desirable, false: undesirable)"
+    if not isinstance(row["label"], bool):
+        return f"'label' must be true or false (got {row['label']!r})"
+    return None
+
+
+def _kto_convert(row: Row, data: DataConfig, labels: dict[str, int] | None) -> Row:
+    return {
+        "prompt": _as_turns(row["prompt"], "user"),
+        "completion": _as_turns(row["completion"], "assistant"),
+        "label": row["label"],
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # The registry
 
 
@@ -316,6 +353,38 @@ FORMATS: dict[str, DataFormat] = {
             problem=_classification_problem,
             convert=_classification_convert,
             example=lambda e, d: {d.text_column: e.text, d.label_column: e.label},
+        ),
+        DataFormat(
+            name="kto",
+            trainer="kto",
+            task="causal_lm",
+            chat=True,
+            packable=False,
+            completion_only=False,
+            turns=False,
+            problem=_kto_problem,
+            convert=_kto_convert,
+            example=lambda e, d: {
+                "prompt": f"{e.question} {e.text}",
+                "completion": e.label,
+                "label": True,
+            },
+        ),
+        DataFormat(
+            name="reward",
+            trainer="reward",
+            task="sequence_classification",
+            chat=True,
+            packable=False,
+            completion_only=False,
+            turns=False,
+            problem=_preference_problem,
+            convert=_preference_convert,
+            example=lambda e, d: {
+                "prompt": f"{e.question} {e.text}",
+                "chosen": e.label,
+                "rejected": e.wrong,
+            },
         ),
     )
 }

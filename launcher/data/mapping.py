@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from launcher.config.schema import DataConfig
 
 Row = dict[str, Any]
-MESSAGE_LISTS = ("messages", "prompt", "chosen", "rejected")  # columns that may hold turns
+MESSAGE_LISTS = ("messages", "prompt", "chosen", "rejected", "completion")  # columns of turns
 
 
 def is_identity(data: DataConfig) -> bool:
@@ -39,4 +39,6 @@ def remap(row: Row, data: DataConfig) -> Row:
     for key in MESSAGE_LISTS:
         if isinstance(mapped.get(key), list):
             mapped[key] = [_message(m, data) for m in mapped[key]]
+        elif isinstance(mapped.get(key), dict):  # one message object (LLaMA-Factory's pairs)
+            mapped[key] = _message(mapped[key], data)
     return mapped

@@ -1,9 +1,10 @@
 """Datasets: read, validate, convert to what TRL / transformers train on, split; chat template.
 
-Runs twice with the same code: on the launcher side before any process starts
-(`validate_data(recipe)`, so bad data fails in a second with exit 2), and on every rank
-(`load_splits`), where rows are also measured in tokens. Every rank computes the same thing
-from the same files (deterministic), only rank 0 logs it. What a valid row of each
+The same checks run twice: on the launcher side before any process starts
+(`validate_data(recipe)`, so bad data fails in a second with exit 2), and on rank 0, where
+launcher/data/prepare.py applies them (`row_problem`, `length_problem`) to every row in one
+`datasets.map` pass that also tokenizes it; both are deterministic, the same files give the
+same rows, problems and report. What a valid row of each
 data.format holds, and the row its trainer takes, is the format's own (launcher/data/formats.py).
 """
 
@@ -147,11 +148,49 @@ def source_name(source: DataSource) -> str:
     """How reports name a source: a file's name, or a hub id with its subset and split."""
     if is_local(source.path) or Path(source.path).exists():
         return Path(source.path).name
-    return f"{source.path} ({source.subset or 'default'}, {source.split})"
+    folder = f", {source.data_dir}" if source.data_dir else ""
+    return f"{source.path} ({source.subset or 'default'}{folder}, {source.split})"
 
 
 def _read(source: DataSource, field_name: str) -> tuple[list[tuple[int, Row]], list[RowProblem]]:
-    return read_rows(source.path, field_name, subset=source.subset, split=source.split)
+    return read_rows(
+        source.path,
+        field_name,
+        subset=source.subset,
+        split=source.split,
+        data_dir=source.data_dir,
+    )
+
+
+def row_problem(
+    row: Row, data: DataConfig, labels: dict[str, int] | None, num_labels: int | None
+) -> str | None:
+    """Why a (remapped) row is invalid for data.format and the label ids, or None."""
+    fmt = get_format(data.format)
+    problem = fmt.problem(row, data, None if labels else num_labels)
+    if problem is None and labels and num_labels is not None and len(labels) > num_labels:
+        problem = f"{len(labels)} distinct string labels but model.num_labels={num_labels}"
+    if problem is None and fmt.trainer == "classification" and labels:
+        label = str(row[data.label_column]).strip()
+        if label not in labels:
+            problem = f"label {label!r} is not among the training labels {sorted(labels)}"
+    return problem
+
+
+def length_problem(
+    data: DataConfig, problem: str | None, prompt_len: int, total: int
+) -> tuple[str | None, bool]:
+    """A measured row against data.max_seq_len: (its problem, whether it is over-long and
+    truncated). A chat prompt that fills max_seq_len leaves no completion token to train."""
+    limit = data.max_seq_len
+    if limit is None:  # no truncation: every row whole
+        return problem, False
+    if problem is None and get_format(data.format).chat and prompt_len >= limit:
+        return (
+            f"prompt is {prompt_len} tokens, max_seq_len is {limit}: "
+            "no completion token would be trained"
+        ), False
+    return problem, total > limit
 
 
 def check_source(
@@ -178,13 +217,7 @@ def check_source(
     valid: list[Row] = []
     for number, source_row in numbered:
         row = remap(source_row, data)
-        problem = fmt.problem(row, data, None if labels else num_labels)
-        if problem is None and labels and num_labels is not None and len(labels) > num_labels:
-            problem = f"{len(labels)} distinct string labels but model.num_labels={num_labels}"
-        if problem is None and fmt.trainer == "classification" and labels:
-            label = str(row[data.label_column]).strip()
-            if label not in labels:
-                problem = f"label {label!r} is not among the training labels {sorted(labels)}"
+        problem = row_problem(row, data, labels, num_labels)
         if problem is None:
             trainer_row = fmt.convert(row, data, labels)
             if measure is not None:
@@ -192,13 +225,8 @@ def check_source(
                     prompt_len, total = measure(trainer_row)
                 except TurnError as exc:
                     prompt_len, total, problem = 0, 0, str(exc)
-                if problem is None and fmt.chat and prompt_len >= data.max_seq_len:
-                    problem = (
-                        f"prompt is {prompt_len} tokens, max_seq_len is {data.max_seq_len}: "
-                        "no completion token would be trained"
-                    )
-                elif total > data.max_seq_len:
-                    report.over_long += 1
+                problem, over_long = length_problem(data, problem, prompt_len, total)
+                report.over_long += over_long
         if problem is not None:
             problems.append(RowProblem(name, number, problem))
             continue
@@ -360,9 +388,12 @@ def _special_token(tokenizer: Any, value: str, path: str) -> None:
 
 
 def prepare_tokenizer(tokenizer: Any, recipe: Recipe) -> bool:
-    """Set the chat template, the EOS token (data.eos_token) and a pad token distinct from EOS
-    (data.pad_token, else the tokenizer's, else a free candidate, else a new one). True if a
-    token was added (the model's embeddings must then be resized)."""
+    """Set the chat template, the EOS token (data.eos_token) and the pad token: data.pad_token
+    (the EOS itself allowed for generative training: TRL's collators mask padding by the
+    attention mask, never by token id, so a trained EOS keeps its label; refused for a
+    classifier, whose pooling finds the last token by the pad id), else the tokenizer's when
+    distinct from EOS, else a free candidate, else a new one. True if a token was added (the
+    model's embeddings must then be resized)."""
     data = recipe.data
     added = _chat_template(tokenizer, data)
     if get_format(data.format).chat and not tokenizer.chat_template:
@@ -383,12 +414,13 @@ def prepare_tokenizer(tokenizer: Any, recipe: Recipe) -> bool:
         tokenizer.eos_token = data.eos_token
     eos = tokenizer.eos_token_id
     if data.pad_token:
-        if data.pad_token == tokenizer.eos_token:
+        if data.pad_token == tokenizer.eos_token and recipe.model.task != "causal_lm":
             raise RecipeError(
                 [
                     Problem(
                         "data.pad_token",
-                        "equals the EOS token: padding would be masked where EOS is trained",
+                        "equals the EOS token: a sequence classifier pools the last token "
+                        "before the first pad, so a trailing EOS would be read as padding",
                         "name another token, or remove it (a free one is chosen)",
                         data.pad_token,
                     )

@@ -38,14 +38,57 @@ LLAMA3 = ChatTemplate(
     "<|eot_id|>",
 )
 
+# the Stanford Alpaca text (axolotl's `alpaca` prompter): BOS, then "{system}\n\n" if any,
+# "### Instruction:\n...\n\n### Response:\n" and the answer with EOS; nothing after the last EOS
 ALPACA = ChatTemplate(
     "alpaca",
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{{ bos_token if bos_token else '' }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
-    "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}{{ eos_token }}\n\n"
+    "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}{{ eos_token }}"
+    "{% if not loop.last %}\n\n{% endif %}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}### Response:\n{% endif %}",
     (),
     "",  # the tokenizer's own EOS ends a response
 )
 
 TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (CHATML, LLAMA3, ALPACA)}
+
+
+# --------------------------------------------------------------------------------------------
+# data.alpaca_prompt: how an alpaca row (instruction, input, output) becomes the prompt turns
+
+# the Stanford Alpaca preamble, with and without an input (tatsu-lab/stanford_alpaca)
+PREAMBLE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request."
+)
+PREAMBLE_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+ALPACA_PROMPTS = ("joined", "joined_newline", "stanford_system", "stanford_user")
+
+
+def alpaca_turns(instruction: str, given: str, style: str) -> list[dict[str, str]]:
+    """The prompt turns of one alpaca row (`given` is its input, "" when none):
+
+    joined           user: instruction, a blank line, input
+    joined_newline   user: instruction, one newline, input (LLaMA-Factory)
+    stanford_system  system: the preamble; user: instruction, "\n\n### Input:\n", input
+                     (oumi's alpaca datasets; with data.chat_template alpaca: axolotl's text)
+    stanford_user    user: the whole Stanford prompt, preamble to "### Response:\n"
+                     (torchtune's AlpacaToMessages)
+    """
+    if style == "joined":
+        return [{"role": "user", "content": f"{instruction}\n\n{given}" if given else instruction}]
+    if style == "joined_newline":
+        return [{"role": "user", "content": f"{instruction}\n{given}" if given else instruction}]
+    preamble = PREAMBLE_WITH_INPUT if given else PREAMBLE_NO_INPUT
+    user = f"{instruction}\n\n### Input:\n{given}" if given else instruction
+    if style == "stanford_system":
+        return [{"role": "system", "content": preamble}, {"role": "user", "content": user}]
+    if style == "stanford_user":
+        text = f"{preamble}\n\n### Instruction:\n{user}\n\n### Response:\n"
+        return [{"role": "user", "content": text}]
+    raise ValueError(f"unknown alpaca prompt style {style!r}; one of {ALPACA_PROMPTS}")

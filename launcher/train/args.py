@@ -1,5 +1,6 @@
-"""The trainer's arguments from the plan: SFTConfig, DPOConfig or TrainingArguments, as the
-data format's trainer asks (launcher/data/formats.py). Every value is the plan's; nothing is
+"""The trainer's arguments from the plan: SFTConfig, the preference and reward objectives'
+TRL configs (DPO, KTO, ORPO, CPO for SimPO, Reward) or TrainingArguments, as the plan's
+objective asks (launcher/data/formats.py). Every value is the plan's; nothing is
 recomputed here. Pure: builds the object, launches nothing (tests/train/test_rank_args.py).
 """
 
@@ -44,8 +45,8 @@ def common_args(plan: Plan, run: RunDir, *, has_eval: bool) -> dict[str, Any]:
         "save_strategy": t.save_strategy,
         "save_steps": t.save_steps,
         "save_total_limit": None,  # pruning is ours: only complete checkpoints count
-        "eval_strategy": (t.eval_strategy or t.save_strategy) if has_eval else "no",
-        "eval_steps": plan.eval_steps if has_eval else None,
+        "eval_strategy": eval_strategy(plan) if has_eval else "no",
+        "eval_steps": eval_cadence(plan) if has_eval else None,
         "report_to": list(t.trackers) or "none",
         "run_name": recipe.name,  # the trackers' run name
         # counted by launcher/train/callbacks.py, one all-reduce per log (the Trainer's count
@@ -55,12 +56,18 @@ def common_args(plan: Plan, run: RunDir, *, has_eval: bool) -> dict[str, Any]:
         "log_level_replica": "warning",
         "deepspeed": plan.deepspeed_path,
         "ddp_timeout": recipe.distributed.nccl_timeout_s,
-        "dataloader_num_workers": t.dataloader_workers,
+        "dataloader_num_workers": plan.dataloader_workers,
     }
+    if t.dataloader_prefetch_factor:  # rules: with workers
+        args["dataloader_prefetch_factor"] = t.dataloader_prefetch_factor
+    if t.empty_cache_steps:
+        args["torch_empty_cache_steps"] = t.empty_cache_steps
     if t.tf32 is not None:  # rules: GPU only
         args["tf32"] = t.tf32
     if t.torch_compile:  # rules: GPU only
         args["torch_compile"] = True
+    if recipe.model.liger_kernel:  # rules: GPU only
+        args["use_liger_kernel"] = True
     if plan.fsdp is not None:
         # fsdp, fsdp_config: the strategy reaches a torchrun rank only here. A copy: the
         # arguments object rewrites its fsdp_config in place, and the plan stays as resolved
@@ -70,6 +77,23 @@ def common_args(plan: Plan, run: RunDir, *, has_eval: bool) -> dict[str, Any]:
     if t.early_stopping_patience and has_eval:
         args |= {"metric_for_best_model": "eval_loss", "greater_is_better": False}
     return args
+
+
+def eval_strategy(plan: Plan) -> str:
+    """steps, or epoch: train.eval_strategy, steps for evals_per_epoch, else save_strategy."""
+    t = plan.recipe.train
+    if t.evals_per_epoch:
+        return "steps"
+    return t.eval_strategy or t.save_strategy
+
+
+def eval_cadence(plan: Plan) -> float:
+    """The Trainer's eval_steps: N steps, or for train.evals_per_epoch a ratio of the total
+    steps (the Trainer evaluates every ceil(total x ratio) steps: total / (epochs x N))."""
+    t = plan.recipe.train
+    if t.evals_per_epoch:
+        return 1.0 / (t.epochs * t.evals_per_epoch)
+    return plan.eval_steps
 
 
 def training_args(plan: Plan, run: RunDir, *, has_eval: bool, universal: bool = False) -> Any:
@@ -94,16 +118,28 @@ def training_args(plan: Plan, run: RunDir, *, has_eval: bool, universal: bool = 
             dataset_num_proc=recipe.data.num_proc,
             trust_remote_code=recipe.model.trust_remote_code,
         )
-    if fmt.trainer == "dpo":
-        from trl import DPOConfig
-
-        return DPOConfig(
+    if plan.objective_args:  # DPO, ORPO, SimPO, KTO, reward: the plan's own fields
+        return objective_config(plan.objective)(
             **common,
-            beta=recipe.train.dpo_beta,
-            max_length=recipe.data.max_seq_len,
+            **plan.objective_args,
             dataset_num_proc=recipe.data.num_proc,
             trust_remote_code=recipe.model.trust_remote_code,
         )
     from transformers import TrainingArguments
 
     return TrainingArguments(**common, label_names=["labels"])
+
+
+def objective_config(objective: str) -> type:
+    """The TRL config class of a preference or reward objective (methods.OBJECTIVES)."""
+    if objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+
+        return ORPOConfig
+    if objective == "simpo":
+        from trl.experimental.cpo import CPOConfig
+
+        return CPOConfig
+    import trl
+
+    return {"dpo": trl.DPOConfig, "kto": trl.KTOConfig, "reward": trl.RewardConfig}[objective]

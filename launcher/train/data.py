@@ -1,24 +1,23 @@
 """The rank's data: the tokenizer, and the validated splits as Arrow files every rank shares.
 
-Every rank reads, validates, converts and splits the same files the same way
-(launcher/data/rows.py), conversations tokenized with a loss mask over their assistant turns
-(launcher/data/turns.py); rank 0 writes the splits into RUN_DIR/data_cache and every rank
-memory-maps them. Only rank 0 logs the data report and writes RUN_DIR/data_report.json.
+Rank 0 reads, validates, converts, tokenizes and splits the recipe's data in one pass through
+`datasets` (launcher/data/prepare.py: the checks of launcher/data/rows.py, conversations with a
+loss mask over their assistant turns as launcher/data/turns.py makes it) into
+RUN_DIR/data_cache, and every rank memory-maps the result. Only rank 0 logs the data report
+and writes RUN_DIR/data_report.json.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
 from launcher.config.plan import Plan
 from launcher.data import rows
-from launcher.data.formats import get_format
 from launcher.rundir import RunDir
-from launcher.train.preflight import barrier
+from launcher.train.preflight import any_rank, barrier
 
 log = logging.getLogger("launcher.train")
 
@@ -43,51 +42,55 @@ def load_tokenizer(plan: Plan) -> tuple[Any, bool]:
 
 
 def load_data(plan: Plan, run: RunDir, tokenizer: Any, main: bool) -> RankData:
-    """The recipe's data, validated (RecipeError per data.invalid_rows), measured in tokens,
-    split the same on every rank, as shared Arrow files."""
-    splits = rows.load_splits(plan.recipe, rows.length_fn(tokenizer, plan.recipe.data))
+    """The recipe's data, validated (RecipeError per data.invalid_rows), tokenized and split
+    by rank 0 in one pass (launcher/data/prepare.py) into RUN_DIR/data_cache, which every rank
+    then memory-maps. The other ranks wait for it (as TRL's main-process-first preparation
+    does) and stop when rank 0 could not prepare the data."""
+    from launcher.data.prepare import prepare_splits
+
+    barrier()  # every rank past a previous attempt's data_cache before rank 0 replaces it
+    failed: Exception | None = None
     if main:
-        for report in splits.reports:
-            log.info("data %s", report.summary())
-        report_text = json.dumps([r.to_dict() for r in splits.reports], indent=2)
-        run.data_report_file.write_text(report_text)
-    labels = splits.labels
-    train, validation = splits.train, splits.validation
-    if get_format(plan.recipe.data.format).turns:
-        # every assistant turn trained, not only the last (launcher/data/turns.py)
-        tokenize = rows.tokenized_turns(tokenizer, plan.recipe.data)
-        train, validation = [tokenize(r) for r in train], [tokenize(r) for r in validation]
+        try:
+            prepared = prepare_splits(plan.recipe, tokenizer, run.data_cache)
+            for report in prepared.reports:
+                log.info("data %s", report.summary())
+            report_text = json.dumps([r.to_dict() for r in prepared.reports], indent=2)
+            run.data_report_file.write_text(report_text)
+            (run.data_cache / LABELS).write_text(json.dumps(prepared.labels))
+        except Exception as exc:  # the other ranks must hear of it, then it is raised
+            failed = exc
+    if any_rank(failed is not None, "cuda" if plan.on_gpu else "cpu"):
+        if failed is not None:
+            raise failed
+        raise RuntimeError("rank 0 could not prepare the data (its log says why)")
+    labels = json.loads((run.data_cache / LABELS).read_text())
     return RankData(
-        train=shared_dataset(run, "train", train, main),
-        validation=shared_dataset(run, "validation", validation, main),
+        train=_load(run, "train"),
+        validation=_load(run, "validation"),
         labels=labels,
         num_labels=len(labels) if labels else plan.recipe.model.num_labels,
     )
 
 
-def shared_dataset(run: RunDir, name: str, split: list[dict[str, Any]], main: bool) -> Any:
-    """The split as an Arrow file in RUN_DIR/data_cache/NAME, written by rank 0 and memory-mapped
-    by every rank. TRL tokenizes on the main process first and the others then find its cached
-    result on disk: the data is tokenized once, not once per rank one after the other (as for
-    an in-memory dataset), and no rank holds the tokenized data in RAM."""
+LABELS = "labels.json"  # RUN_DIR/data_cache/labels.json: string label -> id, or null
+
+
+def _load(run: RunDir, name: str) -> Any:
+    """RUN_DIR/data_cache/NAME memory-mapped, or None when the split has no rows."""
     import datasets
 
-    if not split:
-        return None
     path = run.data_cache / name
-    if main:
-        shutil.rmtree(path, ignore_errors=True)  # a previous attempt's files and caches
-        datasets.Dataset.from_list(split).save_to_disk(str(path))
-    barrier()
-    return datasets.load_from_disk(str(path))
+    return datasets.load_from_disk(str(path)) if path.is_dir() else None
 
 
-def tokenized(dataset: Any, tokenizer: Any, max_len: int) -> Any:
-    """A classification split's text as input ids (the plain Trainer does not tokenize)."""
+def tokenized(dataset: Any, tokenizer: Any, max_len: int | None) -> Any:
+    """A classification split's text as input ids (the plain Trainer does not tokenize);
+    max_len None: no truncation (data.max_seq_len null)."""
     if dataset is None:
         return None
 
     def tokenize(batch: dict[str, list[Any]]) -> Any:
-        return tokenizer(batch["text"], truncation=True, max_length=max_len)
+        return tokenizer(batch["text"], truncation=max_len is not None, max_length=max_len)
 
     return dataset.map(tokenize, batched=True, remove_columns=["text"])

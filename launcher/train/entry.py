@@ -78,7 +78,9 @@ def train(plan: Plan, run: RunDir, rank: int) -> None:
     # the arguments before the model: under ZeRO-3 they make from_pretrained partition it
     args = training_args(plan, run, has_eval=data.validation is not None, universal=universal)
     net, lora = modeling.build_model(plan, tokenizer, added_tokens, data)
-    if modeling.uses_every_adapter(plan, net):
+    if recipe.train.ddp_find_unused_parameters is not None:  # rules: ddp only
+        args.ddp_find_unused_parameters = recipe.train.ddp_find_unused_parameters
+    elif modeling.uses_every_adapter(plan, net):
         args.ddp_find_unused_parameters = False
 
     hooks = callbacks.RunHooks(
@@ -96,6 +98,12 @@ def train(plan: Plan, run: RunDir, rank: int) -> None:
         extra_callbacks.append(rescale)
     if universal:
         extra_callbacks.append(resuming.SeparateStepCounters())
+    threshold = recipe.train.loss_watchdog_threshold
+    if threshold is not None:
+        from launcher.train.watchdog import LossWatchdog
+
+        patience = recipe.train.loss_watchdog_patience
+        extra_callbacks.append(LossWatchdog(run, threshold, patience))
     if recipe.train.early_stopping_patience and data.validation is not None:
         import transformers
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from launcher.config.plan import Plan
+from launcher.errors import RunError
 from launcher.train.data import RankData
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,9 @@ TORCH_DTYPES = {
 
 
 def quantization_config(plan: Plan) -> Any:
-    """BitsAndBytesConfig for method.kind=qlora (the only method the plan gives 4-bit dtypes),
-    else None."""
-    compute, storage = plan.quant_compute_dtype, plan.quant_storage
-    if compute is None or storage is None:
+    """BitsAndBytesConfig for method.kind=qlora: LLM.int8 for method.quant.bits=8, else 4-bit
+    with the plan's dtypes; None for other methods."""
+    if plan.recipe.method.kind != "qlora":
         return None
     from transformers import BitsAndBytesConfig
 
@@ -42,6 +42,10 @@ def quantization_config(plan: Plan) -> Any:
         # take gradients ("only Tensors of floating point dtype can require gradients")
         heads = ["pre_classifier", "classifier", "score", *plan.recipe.method.modules_to_save]
         skip["llm_int8_skip_modules"] = heads
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
+    compute, storage = plan.quant_compute_dtype, plan.quant_storage
+    assert compute is not None and storage is not None  # a 4-bit qlora plan has both
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.type,
@@ -112,6 +116,9 @@ def load_model(
     if bnb is not None:
         from peft import prepare_model_for_kbit_training
 
+        kinds = sorted({type(m).__name__ for m in model.modules() if "bit" in type(m).__name__})
+        quantized = sum(1 for m in model.modules() if type(m).__name__ in kinds)
+        log.info("base quantized by bitsandbytes: %d layers (%s)", quantized, ", ".join(kinds))
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.train.gradient_checkpointing,
@@ -150,6 +157,31 @@ def wrap_peft(model: Any, config: Any, seed: int) -> Any:
 
     set_seed(seed)
     return get_peft_model(model, config)
+
+
+def cast_adapters(model: Any, plan: Plan) -> int:
+    """Every trainable weight of the adapter in the plan's adapter dtype
+    (launcher/config/adapter_dtype.py), whatever peft and TRL chose while wrapping. Under
+    `auto` DoRA's magnitude vector stays fp32, as TRL leaves it; a dtype the recipe names
+    applies to every trainable weight (torchtune's bf16 DoRA). Returns the number of tensors
+    cast. Partitioned ZeRO-3 parameters are never cast: there the plan allows only the base
+    model's dtype, which they have."""
+    dtype = plan.adapter_dtype
+    if dtype is None:
+        return 0
+    target = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    keep_magnitude = plan.recipe.method.adapter_dtype == "auto"
+    cast = 0
+    for name, param in model.named_parameters():
+        if not param.requires_grad or param.dtype == target:
+            continue
+        if keep_magnitude and "lora_magnitude_vector" in name:
+            continue
+        if hasattr(param, "ds_id"):
+            raise RunError(f"adapter weight {name} is {param.dtype} under ZeRO-3, plan: {dtype}")
+        param.data = param.data.to(target)
+        cast += 1
+    return cast
 
 
 def count_trainable(model: Any) -> tuple[int, int]:

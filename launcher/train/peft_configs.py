@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from launcher.config.plan import Plan
+from launcher.errors import Problem, RecipeError
 
 
 def _targets(plan: Plan, model: Any) -> tuple[str, list[str] | None, list[str] | None]:
@@ -128,8 +129,37 @@ BUILDERS: dict[str, Callable[[Plan, Any], Any]] = {
 }
 
 
+def missing_targets(model: Any, targets: list[str]) -> list[str]:
+    """The names in method.target_modules that no module of the model has (peft matches a
+    name to a module path equal to it or ending in `.name`)."""
+    paths = [name for name, _ in model.named_modules()]
+    return [t for t in targets if not any(p == t or p.endswith(f".{t}") for p in paths)]
+
+
 def peft_config(plan: Plan, model: Any) -> Any:
-    """The method's peft config, None for full fine-tuning."""
+    """The method's peft config, None for full fine-tuning. RecipeError when a named target
+    module does not exist: peft adapts the others without a word (oumi's Phi-3 KTO config
+    names q_proj, k_proj, v_proj, gate_proj and up_proj, which Phi-3 fuses into qkv_proj and
+    gate_up_proj: only o_proj and down_proj would be trained)."""
     if not plan.method.adapter:
         return None
+    targets = plan.recipe.method.target_modules
+    if isinstance(targets, list) and plan.recipe.method.kind in ("lora", "qlora", "ia3"):
+        missing = missing_targets(model, targets)
+        if missing:
+            model_type = getattr(getattr(model, "config", None), "model_type", "the model")
+            raise RecipeError(
+                [
+                    Problem(
+                        "method.target_modules",
+                        f"{', '.join(missing)}: no module of {model_type} has that name; peft "
+                        "would adapt only the others",
+                        "name the model's layers ("
+                        + ", ".join(linear_names(model))
+                        + ") or use all-linear",
+                        targets,
+                    )
+                ],
+                "method",
+            )
     return BUILDERS[plan.recipe.method.kind](plan, model)

@@ -1,17 +1,20 @@
-"""The trainer that trains the data format (launcher/data/formats.py `.trainer`): TRL's
-SFTTrainer or DPOTrainer, or transformers' Trainer for a classifier, each subclassed by
-launcher/train/callbacks.py (atomic checkpoints, the NaN policy, the token count).
+"""The trainer of the plan's objective (launcher/config/methods.py OBJECTIVES): TRL's
+SFTTrainer, DPOTrainer, KTOTrainer, ORPOTrainer, CPOTrainer (SimPO) or RewardTrainer, or
+transformers' Trainer for a classifier, each subclassed by launcher/train/callbacks.py
+(atomic checkpoints, the NaN policy, the token count).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from launcher.config.plan import Plan
-from launcher.data.formats import get_format
 from launcher.train import callbacks
 from launcher.train import model as modeling
 from launcher.train.data import RankData, tokenized
+
+log = logging.getLogger(__name__)
 
 
 def build_trainer(
@@ -24,9 +27,9 @@ def build_trainer(
     hooks: callbacks.RunHooks,
     extra_callbacks: list[Any],
 ) -> Any:
-    """The format's trainer over the model, with the PEFT config applied right after
+    """The objective's trainer over the model, with the PEFT config applied right after
     set_seed(seed): the same adapter on every rank."""
-    kind = get_format(plan.recipe.data.format).trainer
+    kind = plan.objective
     parts: dict[str, Any] = {
         "model": net,
         "args": args,
@@ -41,16 +44,38 @@ def build_trainer(
         base: type = transformers.Trainer
         parts |= classifier_parts(plan, net, lora, data, tokenizer)
     else:
-        from trl import DPOTrainer, SFTTrainer
-
-        base = DPOTrainer if kind == "dpo" else SFTTrainer
+        base = trl_trainer(kind)
         parts["peft_config"] = lora  # TRL applies it right after set_seed(args.seed)
     trainer = callbacks.trainer_class(base, hooks)(**parts)
+    cast = modeling.cast_adapters(trainer.model, plan)
+    if cast:
+        log.info("adapter weights cast to %s (method.adapter_dtype): %d", plan.adapter_dtype, cast)
     if kind == "classification":
         # PeftModel.forward takes **kwargs, so the Trainer would believe the classifier
         # normalises its loss by num_items_in_batch; it does not (loss x accumulation x world)
         trainer.model_accepts_loss_kwargs = False
     return trainer
+
+
+def trl_trainer(objective: str) -> type:
+    """The TRL trainer class of an objective; ORPO and CPO (SimPO) are in trl.experimental."""
+    if objective == "orpo":
+        from trl.experimental.orpo import ORPOTrainer
+
+        return ORPOTrainer
+    if objective == "simpo":
+        from trl.experimental.cpo import CPOTrainer
+
+        return CPOTrainer
+    import trl
+
+    trainers = {
+        "sft": trl.SFTTrainer,
+        "dpo": trl.DPOTrainer,
+        "kto": trl.KTOTrainer,
+        "reward": trl.RewardTrainer,
+    }
+    return trainers[objective]
 
 
 def classifier_parts(

@@ -154,10 +154,19 @@ def tune_launch_argv(run_dir: Path, sets: dict[str, Any], *, dry_run: bool = Fal
 
 
 def ours(
-    model: Path, data: Path, out: Path, method: str, gc: bool, steps: int, seq: int, gpu: bool
+    model: Path,
+    data: Path,
+    out: Path,
+    method: str,
+    gc: bool,
+    steps: int,
+    seq: int,
+    gpu: bool,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     sets = recipe_sets(model, data, method=method, gc=gc, steps=steps, seq=seq, gpu=gpu)
+    sets |= extra or {}
     res = run_timed(tune_launch_argv(out, sets))
     assert res.returncode == 0, res.output[-3000:]
     plan = json.loads((out / "plan.json").read_text())
@@ -211,8 +220,10 @@ def measure(
     device: str,
     work: Path,
     with_baseline: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One side-by-side pair (ours, then the baseline) on a random model."""
+    """One side-by-side pair (ours, then the baseline) on a random model; `extra`: more
+    recipe settings for our side (e.g. model.liger_kernel)."""
     gpu = device != "cpu"
     model = work / f"model-{arch}"
     if not (model / "config.json").is_file():
@@ -220,9 +231,9 @@ def measure(
     data = work / "long.jsonl"
     if not data.is_file():
         long_rows(data, rows=64, words=seq * 2)
-    tag = f"{arch}-{method}-gc{int(gc)}"
+    tag = f"{arch}-{method}-gc{int(gc)}" + ("-" + "-".join(map(str, extra)) if extra else "")
     row: dict[str, Any] = {"architecture": arch, "method": method, "checkpointing": gc}
-    row["ours"] = ours(model, data, work / f"ours-{tag}", method, gc, steps, seq, gpu)
+    row["ours"] = ours(model, data, work / f"ours-{tag}", method, gc, steps, seq, gpu, extra)
     if with_baseline:
         row["baseline"] = baseline(model, data, work / f"base-{tag}", method, gc, steps, seq, gpu)
         row["throughput_ratio"] = row["ours"]["tokens_per_s"] / row["baseline"]["tokens_per_s"]

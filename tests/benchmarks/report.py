@@ -37,7 +37,7 @@ def render(doc: dict[str, Any], notes: str = "") -> str:
             lines.append(f"| {r['name']} | | skipped: {r['skipped']} | |")
             continue
         headline = r.get("headline") or {k: v for k, v in r.items() if k.startswith("ratio")}
-        met = "yes" if r.get("met") else "**no**"
+        met = "yes" if r.get("met") else "n/a (notes)" if r.get("met") is None else "**no**"
         lines.append(f"| {r['name']} | {r.get('target', '')} | {_fmt(headline)} | {met} |")
     for r in doc["results"]:
         if "skipped" in r:

@@ -27,6 +27,7 @@ MODULES = [
     "tests.benchmarks.bench_merge",
     "tests.benchmarks.bench_eval",
     "tests.benchmarks.bench_resume",
+    "tests.benchmarks.bench_dataprep",
     "tests.benchmarks.bench_gpu",
     "tests.benchmarks.bench_gpu_planner",
 ]

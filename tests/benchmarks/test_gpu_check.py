@@ -97,10 +97,10 @@ def test_smoke_throughput_pairs_run_and_say_what_is_not_measured(smoke: Path) ->
         row = found[name]
         # side by side with the other parts on 2 cores: real figures, not comparable ones
         assert row["ours_tokens_per_s"] > 0 and row["baseline_tokens_per_s"] > 0, row
-    for name in ("llama3.1-8b lora", "llama3.1-8b qlora"):
+    for name in ("llama3.1-8b lora", "llama3.1-8b qlora", "llama3.1-8b lora liger"):
         assert found[name]["status"] == "skipped", found[name]
     doc = json.loads((smoke / "throughput.json").read_text())
-    assert any("Liger" in note and "no recipe option" in note for note in doc["notes"])
+    assert any("model.liger_kernel=true" in note for note in doc["notes"])
 
 
 @pytest.mark.train

@@ -56,3 +56,30 @@ def test_nan_stop_exits_with_the_step_and_keeps_the_last_good_checkpoint(
     assert complete_steps(run_dir) == [10]
     assert not (run_dir / "final").exists()
     assert_no_leftovers(run_dir)
+
+
+def test_the_loss_watchdog_stops_a_run_whose_loss_stays_high(
+    tmp_path: Path, background: Starter, record_property
+) -> None:
+    """axolotl's loss_watchdog_threshold / patience: the tiny model's loss starts near 7.5
+    and stays above 7 for its first logged steps, so a threshold of 7 with patience 2 fails
+    the run at the second logged step, before any checkpoint, and nothing is merged."""
+    record_property("fault_class", "loss above the watchdog's threshold")
+    run_dir = tmp_path / "run"
+    job = background(
+        run_dir,
+        *SHORT,
+        "train.max_steps=30",
+        "train.logging_steps=1",
+        "train.learning_rate=1e-6",  # so the loss stays where it starts
+        "train.loss_watchdog_threshold=7",
+        "train.loss_watchdog_patience=2",
+    )
+    assert job.wait(300) == 1, job.explain()
+    err = job.stderr
+    assert "above train.loss_watchdog_threshold=7.0 for 2 logged steps in a row, at step 2" in (
+        err
+    ), job.explain()
+    assert "nothing merged" in err and "no checkpoint yet" in err
+    assert not (run_dir / "final").exists() and not (run_dir / "merged").exists()
+    assert_no_leftovers(run_dir)

@@ -35,6 +35,9 @@ RUN_OVERRIDES = [
     "eval.max_tokens=4",
     f"serve.api_key_env={API_KEY_ENV}",
     "serve.health_timeout_s=400",
+    # lm-eval and the parity gate have their own tests (test_eval_gates.py): ~20 s each run
+    "eval.lm_eval_tasks=[]",
+    "eval.parity_examples=2",
 ]
 
 

@@ -189,6 +189,8 @@ def test_qlora_zero3_paged_adamw_8bit_gradient_checkpointing(tmp_path: Path) -> 
         "train.gradient_checkpointing=true",
         "train.max_steps=4",
         "train.save_steps=4",
+        # TRL casts a quantized model's adapters to bf16; the recipe's fp32 wins
+        "method.adapter_dtype=fp32",
     )
     assert_ok(result)
     run = RunDir(run_dir)
@@ -199,9 +201,35 @@ def test_qlora_zero3_paged_adamw_8bit_gradient_checkpointing(tmp_path: Path) -> 
     assert args.gradient_checkpointing
     adapter = tensors(run.final / "adapter_model.safetensors")
     assert adapter and all(t.numel() > 0 for t in adapter.values())
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
     lora_b = [t for k, t in adapter.items() if "lora_B" in k]
     assert lora_b and any(float(t.abs().max()) > 0 for t in lora_b)  # B starts at zero
     assert all(torch.isfinite(torch.tensor(loss)) for loss in train_losses(run_dir))
+
+
+def test_lora_on_an_8bit_base(tmp_path: Path) -> None:
+    """axolotl's load_in_8bit / LLaMA-Factory's quantization_bit 8: LoRA on an LLM.int8 base
+    (bitsandbytes on CPU), planned at a byte a weight."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        run_dir,
+        "method.kind=qlora",
+        "method.quant.bits=8",
+        "distributed.strategy=ddp",
+        "train.max_steps=6",
+        "train.save_steps=6",
+        "train.logging_steps=1",
+    )
+    assert_ok(result)
+    run = RunDir(run_dir)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    # the fp32 tiny model's block weights at a byte each (embeddings stay fp32)
+    assert plan["memory"]["weight_bytes"] < plan["memory"]["params"] * 4
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "layers (Linear8bitLt)" in log, log[-2000:]
+    losses = train_losses(run_dir)
+    assert losses[-1] < losses[0], losses
+    assert (run.final / "adapter_model.safetensors").is_file()
 
 
 TEMPLATE = (

@@ -97,6 +97,27 @@ def test_a_subset_and_a_sliced_split(hub: Path, tmp_path: Path) -> None:
     assert got.reports[0].source == "acme/qa (de, train[:20%])"
 
 
+def test_a_data_dir_reads_only_that_folder(hub: Path, tmp_path: Path) -> None:
+    """torchtune's stack_exchange_paired_dataset: `data_dir="data/rl"` of a dataset whose
+    folders hold different parts (no `configs:` in its README)."""
+    import datasets
+
+    folder = hub / "datasets--acme--paired"
+    snapshot = folder / "snapshots" / COMMIT
+    for part, n in (("rl", 7), ("finetune", 5)):
+        (snapshot / "data" / part).mkdir(parents=True)
+        datasets.Dataset.from_list(rows(part, n)).to_parquet(
+            str(snapshot / "data" / part / "train-00000.parquet")
+        )
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(COMMIT)
+    got = splits(recipe_file(tmp_path, "    - {path: acme/paired, data_dir: data/rl}\n"))
+    assert texts(got.train) == [f"rl{i}" for i in range(7)]
+    assert got.reports[0].source == "acme/paired (default, data/rl, train)"
+    whole = splits(recipe_file(tmp_path, "    - {path: acme/paired}\n"))
+    assert len(whole.train) == 12
+
+
 def test_the_default_subset_validation_split_and_a_local_file_mixed(
     hub: Path, tmp_path: Path
 ) -> None:

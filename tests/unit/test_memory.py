@@ -40,8 +40,9 @@ def test_llama8b_lora_ddp_by_hand() -> None:
     # q: 16*(4096+4096), k,v: 16*(4096+1024) each, o: 16*(4096+4096), gate/up: 16*(4096+14336) each,
     # down: 16*(14336+4096) -> per layer 16*(8192+5120+5120+8192+18432*3) = 16*81,920 = 1,310,720
     assert est["trainable_params"] == 32 * 1_310_720 == 41_943_040
-    weights = (8_030_261_248 + 41_943_040) * 2  # bf16 base + bf16 adapters
-    grads = 41_943_040 * 2
+    # bf16 base + fp32 adapters (peft upcasts them: method.adapter_dtype auto under DDP)
+    weights = 8_030_261_248 * 2 + 41_943_040 * 4
+    grads = 41_943_040 * 4
     optim = 41_943_040 * 8  # two fp32 Adam moments
     s, b, h, a = 2048, 2, 4096, 32
     # sdpa (the default attention) never stores the s x s scores: 34*s*b*h per layer
@@ -49,6 +50,10 @@ def test_llama8b_lora_ddp_by_hand() -> None:
     total = weights + grads + optim + acts + GIB
     assert est["per_gpu_gib"] == pytest.approx(total / GIB, abs=1e-3)
     assert est["breakdown_gib"]["weights"] == pytest.approx(weights / GIB, abs=1e-3)
+    # torchtune's bf16 adapters: weights, gradients and torch AdamW's moments in bf16
+    bf16 = estimate(replace(LLAMA8B_LORA, adapter_dtype="bf16"))
+    saved = 41_943_040 * (2 + 2 + 4)
+    assert bf16["per_gpu_gib"] == pytest.approx((total - saved) / GIB, abs=1e-3)
     # eager attention stores them: 5*a*s^2*b more in the one layer held in full
     eager = estimate(replace(LLAMA8B_LORA, attention="eager"))
     scores = 5 * a * s * s * b
@@ -75,6 +80,10 @@ def test_zero3_qlora_shards_weights_over_world() -> None:
     q = shape.quantizable_params()
     expected = q * 0.5 + q / 64 + q / 64 / 256 * 4 + (shape.total_params() - q) * 2
     assert one["weight_bytes"] == int(expected)
+    # an 8-bit base (method.quant.bits): a byte a weight plus one fp32 scale per output row
+    int8 = estimate(replace(qlora, strategy="ddp", world_size=1, quant_bits=8))
+    rows = q / shape.hidden_size
+    assert int8["weight_bytes"] == int(q * 1 + rows * 4 + (shape.total_params() - q) * 2)
     # checkpointing cuts activations
     no_ckpt = estimate(
         replace(qlora, strategy="zero3", world_size=16, gradient_checkpointing=False)

@@ -77,6 +77,8 @@ def test_every_advice_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         "method.modules_to_save: 'head' is not a module the memory planner knows; "
         "the estimate leaves its trainable copy out"
     ]
+    fsdp1 = _plan(tmp_path, FSDP, "distributed.fsdp.version=1")
+    assert any("FSDP1 is deprecated by transformers" in w for w in fsdp1.warnings)
     assert fired == every
 
 

@@ -64,3 +64,40 @@ def test_conversations_that_do_not_repeat_the_prompt_are_refused_by_line(tmp_pat
     assert "p.jsonl:3" in text and "'rejected'" in text
     assert "p.jsonl:4" in text and "'chosen' equals 'rejected'" in text
     assert "p.jsonl:1" not in text
+
+
+def test_llamafactory_pairs_give_each_answer_as_one_sharegpt_message(tmp_path: Path) -> None:
+    """LLaMA-Factory's dpo_en_demo: the prompt as ShareGPT `conversations`, `chosen` and
+    `rejected` as one {from, value} object each (axolotl's chat_template DPO rows too)."""
+    rows = [
+        {
+            "conversations": [{"from": "human", "value": Q}],
+            "chosen": {"from": "gpt", "value": "Jupiter"},
+            "rejected": {"from": "gpt", "value": "Mars"},
+        },
+        {"conversations": [{"from": "human", "value": Q}], "chosen": {"from": "gpt"},
+         "rejected": {"from": "gpt", "value": "Mars"}},
+    ]  # fmt: skip
+    shape = {
+        "columns": {"conversations": "prompt"},
+        "role_key": "from",
+        "content_key": "value",
+        "roles": {"human": "user", "gpt": "assistant"},
+    }
+    path = write(tmp_path / "p.jsonl", rows[:1])
+    base = recipe(path)
+    sharegpt = base.model_copy(update={"data": base.data.model_copy(update=shape)})
+    split = load_splits(sharegpt)
+    assert split.train == [
+        {
+            "prompt": [{"role": "user", "content": Q}],
+            "chosen": [{"role": "assistant", "content": "Jupiter"}],
+            "rejected": [{"role": "assistant", "content": "Mars"}],
+        }
+    ]
+    broken = sharegpt.model_copy(
+        update={"data": sharegpt.data.model_copy(update={"train": str(write(path, rows))})}
+    )
+    with pytest.raises(RecipeError) as caught:
+        load_splits(broken)
+    assert "p.jsonl:2" in caught.value.render() and "chosen[0]" in caught.value.render()

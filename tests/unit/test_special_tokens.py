@@ -47,14 +47,36 @@ def test_a_new_pad_token_is_added_and_the_embeddings_resized() -> None:
     assert tok.pad_token == "<|mypad|>" and tok.pad_token_id is not None
 
 
-@pytest.mark.parametrize(
-    ("fields", "path"),
-    [({"eos_token": "<|nope|>"}, "data.eos_token"), ({"pad_token": "<|end|>"}, "data.pad_token")],
-)
-def test_bad_overrides_name_the_field(fields: dict[str, str], path: str) -> None:
+def test_bad_eos_override_names_the_field() -> None:
     with pytest.raises(RecipeError) as caught:
-        prepare_tokenizer(tokenizer(), recipe(**fields))
-    assert path in caught.value.render()
+        prepare_tokenizer(tokenizer(), recipe(eos_token="<|nope|>"))
+    assert "data.eos_token" in caught.value.render()
+
+
+def test_pad_equal_to_eos_trains_the_eos_but_is_refused_for_a_classifier() -> None:
+    """axolotl's `pad_token: <|end_of_text|>` on a base Llama: padding is masked by the
+    attention mask, so the EOS of every example keeps its label."""
+    tok = tokenizer()
+    prepare_tokenizer(tok, recipe(pad_token="<|end|>"))
+    assert tok.pad_token == tok.eos_token == "<|end|>"
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    eos = tok.eos_token_id
+    batch = DataCollatorForLanguageModeling(pad_token_id=eos)(
+        [{"input_ids": [5, 6, eos]}, {"input_ids": [7, eos]}]
+    )
+    assert batch["labels"].tolist() == [[5, 6, eos], [7, eos, -100]]
+    classifier = Recipe.model_validate(
+        {
+            "name": "t",
+            "model": {"name_or_path": "tiny:llama", "task": "sequence_classification",
+                      "num_labels": 2},
+            "data": {"train": "x.jsonl", "format": "classification", "pad_token": "<|end|>"},
+        }
+    )  # fmt: skip
+    with pytest.raises(RecipeError) as caught:
+        prepare_tokenizer(tokenizer(), classifier)
+    assert "data.pad_token" in caught.value.render()
 
 
 def test_chatml_adds_its_tokens_and_ends_turns_with_im_end() -> None:
@@ -78,7 +100,7 @@ def test_llama3_and_alpaca_templates() -> None:
     alpaca = tokenizer()
     assert prepare_tokenizer(alpaca, recipe(chat_template="alpaca")) is False
     text = alpaca.apply_chat_template(CHAT, tokenize=False)
-    assert text == "### Instruction:\nis it good?\n\n### Response:\nyes<|end|>\n\n"
+    assert text == "<s>### Instruction:\nis it good?\n\n### Response:\nyes<|end|>"
 
 
 def test_named_template_reaches_the_saved_contract(tmp_path: Path) -> None:
