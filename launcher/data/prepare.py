@@ -9,7 +9,7 @@ that checks a row against data.max_seq_len is the tokenization the trainer gets.
 1. A source becomes an Arrow file of (line number, raw bytes): a local .jsonl is streamed line
    by line and parsed in the workers (files.py's own line reader, so its problems and line
    numbers are the same); any other source (json, csv, parquet, a hub dataset) is read by
-   `files.read_rows` and its rows pickled.
+   `files.read_rows` and its rows handed to the workers with the map's arguments.
 2. One batched `Dataset.map(num_proc=data.num_proc)` checks every row and gives its problem,
    a hash of the row (duplicates), whether it is over-long, and its trainer row: for chat SFT
    formats `input_ids` and `completion_mask` over the trained assistant turns (rendered and
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import random
 import shutil
+import uuid
 from array import array
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -68,13 +68,16 @@ def _streamable(source: DataSource) -> Path | None:
     return path
 
 
-def _raw_dataset(source: DataSource, field_name: str, out: Path) -> tuple[Any, list[RowProblem]]:
-    """(Arrow dataset of line, raw, pickled; rows read_rows found unreadable)."""
+def _raw_dataset(
+    source: DataSource, field_name: str, out: Path
+) -> tuple[Any, list[RowProblem], list[Row] | None]:
+    """(Arrow dataset of line and raw line, rows read_rows found unreadable, and for a source
+    read whole its rows, in the dataset's order: its `raw` is then empty)."""
     import datasets
     from datasets.arrow_writer import ArrowWriter
 
     features = datasets.Features({"line": datasets.Value("int64"), "raw": datasets.Value("binary")})
-    path, problems = _streamable(source), list[RowProblem]()
+    path, problems, given = _streamable(source), list[RowProblem](), None
     file = out / "raw.arrow"
     with ArrowWriter(features=features, path=str(file)) as writer:
         if path is not None:
@@ -99,22 +102,23 @@ def _raw_dataset(source: DataSource, field_name: str, out: Path) -> tuple[Any, l
                 split=source.split,
                 data_dir=source.data_dir,
             )
+            given = [row for _, row in numbered]
             for start in range(0, len(numbered), WRITE_BATCH):
                 part = numbered[start : start + WRITE_BATCH]
-                writer.write_batch(
-                    {"line": [n for n, _ in part], "raw": [pickle.dumps(r) for _, r in part]}
-                )
+                writer.write_batch({"line": [n for n, _ in part], "raw": [b""] * len(part)})
         writer.finalize()
     dataset = datasets.Dataset.from_file(str(file))
-    return dataset, problems
+    return dataset, problems, given
 
 
-def _parsed(batch: dict[str, list[Any]], name: str, pickled: bool) -> tuple[list, list]:
+def _parsed(
+    batch: dict[str, list[Any]], indices: list[int], name: str, given: list[Row] | None
+) -> tuple[list, list]:
     """(line, row) pairs and RowProblems of one batch of raw rows. jsonl lines go through
     files.py's reader (the batch's lines are consecutive; a leading blank line keeps a byte
     order mark that is not at the file's start a parse problem, as it is there)."""
-    if pickled:
-        return [(n, pickle.loads(r)) for n, r in zip(batch["line"], batch["raw"], strict=True)], []
+    if given is not None:
+        return [(n, given[i]) for n, i in zip(batch["line"], indices, strict=True)], []
     first = batch["line"][0] if batch["line"] else 1
     found, problems = _read_jsonl(b"\n" + b"\n".join(batch["raw"]), name)
     offset = first - 2
@@ -189,17 +193,18 @@ def _row_key(row: Row) -> int:
 
 def _examine(
     batch: dict[str, list[Any]],
+    indices: list[int],
     *,
     data: DataConfig,
     labels: dict[str, int] | None,
     num_labels: int | None,
     tokenizer: Any,
     name: str,
-    pickled: bool,
+    given: list[Row] | None,
 ) -> dict[str, list[Any]]:
     """One batch of raw rows -> line, problem, key, over, and the trainer row."""
     fmt = get_format(data.format)
-    numbered, read_problems = _parsed(batch, name, pickled)
+    numbered, read_problems = _parsed(batch, indices, name, given)
     out: dict[str, list[Any]] = {k: [] for k in ("line", "problem", "key", "over", *_payload(fmt))}
     checked: list[tuple[int, Row, str | None, Row]] = []  # line, remapped row, problem, trainer row
     for number, source_row in numbered:
@@ -269,10 +274,15 @@ def _features(fmt: Any) -> Any:
 
 
 def _label_names(
-    batch: dict[str, list[Any]], *, data: DataConfig, name: str, pickled: bool
+    batch: dict[str, list[Any]],
+    indices: list[int],
+    *,
+    data: DataConfig,
+    name: str,
+    given: list[Row] | None,
 ) -> dict[str, list[str]]:
     """The string labels of one batch (rows.label_mapping's names, before validation)."""
-    numbered, _ = _parsed(batch, name, pickled)
+    numbered, _ = _parsed(batch, indices, name, given)
     found = rows.label_mapping((remap(r, data) for _, r in numbered), data)
     return {"name": sorted(found or {})}
 
@@ -292,8 +302,9 @@ class _Source:
 
 def _map_kwargs(data: DataConfig, raw: Any) -> dict[str, Any]:
     procs = data.num_proc if data.num_proc and data.num_proc > 1 and len(raw) > 1 else None
+    # a fresh folder every time: nothing to find in a cache, no fingerprint worth hashing
     return {"batched": True, "batch_size": MAP_BATCH, "num_proc": procs,
-            "load_from_cache_file": False}  # fmt: skip
+            "load_from_cache_file": False, "new_fingerprint": uuid.uuid4().hex}  # fmt: skip
 
 
 class _Reader:
@@ -302,11 +313,11 @@ class _Reader:
     def __init__(self, recipe: Recipe, tokenizer: Any, work: Path) -> None:
         self.data, self.tokenizer, self.work = recipe.data, tokenizer, work
         self.num_labels = recipe.model.num_labels
-        self.raws: dict[int, tuple[Any, list[RowProblem], bool, DataConfig, str]] = {}
+        self.raws: dict[int, tuple[Any, list[RowProblem], list[Row] | None, DataConfig, str]] = {}
 
     def raw(
         self, source: DataSource, field_name: str
-    ) -> tuple[Any, list[RowProblem], bool, DataConfig, str]:
+    ) -> tuple[Any, list[RowProblem], list[Row] | None, DataConfig, str]:
         key = id(source)
         if key not in self.raws:
             out = self.work / f"source-{len(self.raws)}"
@@ -316,17 +327,17 @@ class _Reader:
                 if source.columns
                 else self.data
             )
-            dataset, problems = _raw_dataset(source, field_name, out)
-            pickled = _streamable(source) is None
-            self.raws[key] = (dataset, problems, pickled, own, rows.source_name(source))
+            dataset, problems, given = _raw_dataset(source, field_name, out)
+            self.raws[key] = (dataset, problems, given, own, rows.source_name(source))
         return self.raws[key]
 
     def label_names(self, source: DataSource, field_name: str) -> set[str]:
-        raw, _, pickled, own, name = self.raw(source, field_name)
-        kwargs = {"data": own, "name": name, "pickled": pickled}
+        raw, _, given, own, name = self.raw(source, field_name)
+        kwargs = {"data": own, "name": name, "given": given}
         names = raw.map(
-            _label_names, fn_kwargs=kwargs, remove_columns=raw.column_names, **_map_kwargs(own, raw)
-        )
+            _label_names, fn_kwargs=kwargs, with_indices=True, remove_columns=raw.column_names,
+            **_map_kwargs(own, raw),
+        )  # fmt: skip
         return set(names["name"])
 
     def examine(
@@ -335,15 +346,15 @@ class _Reader:
         import numpy as np
         import pyarrow.compute as pc
 
-        raw, read_problems, pickled, own, name = self.raw(source, field_name)
+        raw, read_problems, given, own, name = self.raw(source, field_name)
         fmt = get_format(own.format)
         kwargs = {"data": own, "labels": labels, "num_labels": self.num_labels,
-                  "tokenizer": self.tokenizer, "name": name, "pickled": pickled}  # fmt: skip
+                  "tokenizer": self.tokenizer, "name": name, "given": given}  # fmt: skip
         examined = raw.map(
-            _examine, fn_kwargs=kwargs, remove_columns=raw.column_names, features=_features(fmt),
-            **_map_kwargs(own, raw),
+            _examine, fn_kwargs=kwargs, with_indices=True, remove_columns=raw.column_names,
+            features=_features(fmt), **_map_kwargs(own, raw),
         )  # fmt: skip
-        if len(examined) == 0 and not pickled:
+        if len(examined) == 0 and given is None:
             read_rows(source.path, field_name)  # blank lines only: files.py's own RecipeError
         table = examined.data
         bad = pc.is_valid(table.column("problem"))

@@ -15,6 +15,7 @@ python -m tests.benchmarks.bench_dataprep ours|plain|before CORPUS TOKENIZER WOR
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -282,6 +283,7 @@ def run(smoke: bool) -> dict[str, Any]:
                 side: {
                     "wall_s": median([r["wall_s"] for r in found]),
                     "peak_rss_mb": max(r["peak_rss_mb"] for r in found),
+                    "peak_anon_mb": max(r["peak_anon_mb"] for r in found),
                     "rows": found[0]["rows"],
                     "packed": found[0]["packed"],
                 }
@@ -295,24 +297,62 @@ def run(smoke: bool) -> dict[str, Any]:
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     first, last = (result[f"rows_{n}"] for n in (sizes[0], sizes[-1]))
     ratio = max(result[f"rows_{n}"]["wall_ratio"] for n in sizes)
-    growth = last["ours"]["peak_rss_mb"] / first["ours"]["peak_rss_mb"]
-    plain_growth = last["plain"]["peak_rss_mb"] / first["plain"]["peak_rss_mb"]
-    result["headline"] = {
-        "wall_ratio": ratio,
-        "ours_rss_growth": growth,
-        "plain_rss_growth": plain_growth,
+    growth = {
+        f"{side}_{kind}_growth": last[side][f"peak_{kind}_mb"] / first[side][f"peak_{kind}_mb"]
+        for side in ("ours", "plain")
+        for kind in ("rss", "anon")
     }
+    result["headline"] = {"wall_ratio": ratio, **growth}
     result["about"] = ABOUT
     result["target"] = TARGET
-    result["met"] = ratio <= 1.1 and growth <= 1.15
+    result["met"] = ratio <= 1.1 and growth["ours_anon_growth"] <= 1.1
     return result
+
+
+def _anon_mb(pid: int) -> float:
+    """RssAnon of one process (heap and stacks: not the Arrow files it memory-maps)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class AnonPeak:
+    """The peak over time of the summed RssAnon of this process and its children (the map
+    workers), sampled every 50 ms: the memory a side holds, where the RSS that run_timed
+    measures also counts the pages of memory-mapped Arrow files it has read."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(0.05):
+            total = 0.0
+            for proc in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(OSError):  # a worker that just ended
+                    total += _anon_mb(proc.pid)
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
 
 
 def main() -> int:
     side, corpus, tokenizer, work = sys.argv[1:5]
-    started = time.perf_counter()
+    started, anon = time.perf_counter(), AnonPeak()
     counts = SIDES[side](Path(corpus), Path(tokenizer), Path(work))
     counts["inner_s"] = time.perf_counter() - started
+    counts["peak_anon_mb"] = anon.stop()
     print(json.dumps(counts), flush=True)
     return 0
 

@@ -45,6 +45,12 @@ def server_cpu_s(pid: int | None) -> float:
     return total
 
 
+# the eval's own requests only: the quickstart's lm-eval tasks and its parity gate (a
+# transformers pass over a trained adapter, which this served base model has none of) are
+# measured and tested elsewhere (tests/e2e, tests/serve/test_eval_gates.py)
+REQUESTS_ONLY = ("eval.parity_examples=0", "eval.lm_eval_tasks=[]", "eval.general_tasks=[]")
+
+
 def run(smoke: bool) -> dict[str, object]:
     from launcher.rundir import RunDir
     from launcher.tiny import write_tiny
@@ -63,6 +69,7 @@ def run(smoke: bool) -> dict[str, object]:
         "eval.compare_base=false",
         f"eval.max_examples={examples}",
         "eval.max_tokens=16",
+        *REQUESTS_ONLY,
     )
     plan = RunDir(run_dir).load_plan()
     items, _, _ = held_out(plan.recipe)
@@ -77,6 +84,7 @@ def run(smoke: bool) -> dict[str, object]:
         f"eval.max_examples={examples}",
         "eval.max_tokens=16",
         "eval.concurrency=1",
+        *REQUESTS_ONLY,
     )
     ours_s: list[float] = []
     base_s: list[float] = []

@@ -58,6 +58,10 @@ def _check_gates_and_lm_eval(results: dict, report: str) -> None:
     assert scores["finetuned"][0]["value"] >= 0.9, lm  # label likelihood: 1.0 measured
     assert scores["finetuned"][1]["value"] >= 0.6, lm  # greedy exact match: 1.0 measured
     assert scores["finetuned"][1]["value"] > scores["base"][1]["value"], lm
+    # the forgetting check passes a run that kept (here: gained) the skill; flagging one that
+    # lost it: tests/serve/test_eval_gates.py
+    assert lm["forgetting"]["flagged"] == [], lm["forgetting"]
+    assert "no general task below 0.9 x the base" in report
     # serving speed, measured on the fine-tuned model's own eval requests
     speed = results["speed"]["finetuned"]
     assert speed["requests"] == 60 and speed["concurrency"] == results["data"]["concurrency"]
