@@ -8,7 +8,8 @@ set -euo pipefail
 VENV=${1:?usage: $0 VENV}
 WANT=0.3.36  # = constraints.txt llama_cpp_python
 share="$VENV/share/llama.cpp"
-have=$("$VENV/bin/pip" show llama-cpp-python 2>/dev/null | sed -n 's/^Version: //p')
+# (pip show fails when it is not installed: on a fresh machine, so `|| true`)
+have=$("$VENV/bin/pip" show llama-cpp-python 2>/dev/null | sed -n 's/^Version: //p' || true)
 if [[ "$have" == "$WANT" && -f "$share/convert_hf_to_gguf.py" ]]; then
   exit 0
 fi
