@@ -71,7 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _training_commands(sub)
+    plan = sub.add_parser("plan", help="print the resolved plan")
+    _recipe_flags(plan)
+    plan.add_argument("--json", action="store_true", help="print JSON")
 
+    tiny = sub.add_parser("tiny", help="write a tiny random model of a real architecture")
+    tiny.add_argument("arch", help="llama, mistral, qwen2 or distilbert")
+    tiny.add_argument("out_dir")
+    tiny.add_argument(
+        "--corpus", action="append", default=[], help="jsonl file(s) for the tokenizer"
+    )
+    tiny.add_argument("--seed", type=int, default=0)
+
+    _model_commands(sub)
+    _job_commands(sub)
+    return parser
+
+
+def _training_commands(sub: Any) -> None:
+    """run and sweep: what trains."""
     run = sub.add_parser(
         "run", help="resolve, then train (and merge/serve/eval as the recipe asks)"
     )
@@ -106,18 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--backend", choices=["local", "slurm"], help="override resources.backend")
     sweep.add_argument("--max-parallel", type=int, default=1, help="slurm: variants at once")
 
-    plan = sub.add_parser("plan", help="print the resolved plan")
-    _recipe_flags(plan)
-    plan.add_argument("--json", action="store_true", help="print JSON")
 
-    tiny = sub.add_parser("tiny", help="write a tiny random model of a real architecture")
-    tiny.add_argument("arch", help="llama, mistral, qwen2 or distilbert")
-    tiny.add_argument("out_dir")
-    tiny.add_argument(
-        "--corpus", action="append", default=[], help="jsonl file(s) for the tokenizer"
-    )
-    tiny.add_argument("--seed", type=int, default=0)
-
+def _model_commands(sub: Any) -> None:
+    """merge, serve, eval, export: what a finished run's model goes through."""
     merge = sub.add_parser("merge", help="merge the run's adapter into its base model")
     merge.add_argument("run_dir")
     merge.add_argument(
@@ -151,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-rows", type=int, help="int4: training rows GPTQ calibrates on (256)"
     )
 
+
+def _job_commands(sub: Any) -> None:
+    """status, cancel, logs: a run's job."""
     for name, text in (("status", "state of the run's job"), ("cancel", "stop the run's job")):
         p = sub.add_parser(name, help=text)
         p.add_argument("run_dir")
@@ -165,7 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="slurm: that stage's job output and logs",
     )
     logs.add_argument("--follow", "-f", action="store_true")
-    return parser
 
 
 def _resolve(args: argparse.Namespace) -> Any:

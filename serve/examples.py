@@ -42,9 +42,31 @@ def from_trainer_row(row: dict[str, Any]) -> Example:
     return Example(prompt, str(answer[-1]["content"]) if answer else "")
 
 
+def eval_data_rows(recipe: Recipe, labels: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """The valid trainer rows of eval.data (the invalid ones skipped with a warning);
+    `labels`: training's string-label ids, for classification data."""
+    from launcher.data.rows import check_source
+
+    assert recipe.eval.data is not None
+    rows, report, _ = check_source(
+        recipe.eval.data,
+        recipe.data,
+        num_labels=recipe.model.num_labels,
+        field_name="eval.data",
+        labels=labels,
+    )
+    if report.problems:
+        log.warning(
+            "eval.data: %d invalid row(s) skipped; first: %s",
+            len(report.problems),
+            report.problems[0].render(),
+        )
+    return rows
+
+
 def held_out(recipe: Recipe) -> tuple[list[Example], list[Example], str]:
     """(evaluation examples, training examples for few-shot, description of the source)."""
-    from launcher.data.rows import check_source, load_splits
+    from launcher.data.rows import load_splits
 
     data, ev = recipe.data, recipe.eval
     if not get_format(data.format).chat:
@@ -54,16 +76,7 @@ def held_out(recipe: Recipe) -> tuple[list[Example], list[Example], str]:
         )
     splits = load_splits(recipe)
     if ev.data:
-        rows, report, _ = check_source(
-            ev.data, data, num_labels=recipe.model.num_labels, field_name="eval.data"
-        )
-        if report.problems:
-            log.warning(
-                "eval.data: %d invalid row(s) skipped; first: %s",
-                len(report.problems),
-                report.problems[0].render(),
-            )
-        source = ev.data
+        rows, source = eval_data_rows(recipe), ev.data
     elif splits.validation:
         rows = splits.validation
         held = ", ".join(s.path for s in data.validation_sources())

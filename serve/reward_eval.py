@@ -43,23 +43,14 @@ Row = dict[str, Any]
 def held_out_rows(plan: Plan) -> tuple[list[Row], str, dict[str, int] | None]:
     """The trainer rows to score (eval.data, else the validation split), their source in
     words, and the string-label ids of training."""
-    from launcher.data.rows import check_source, load_splits
+    from launcher.data.rows import load_splits
+    from serve.examples import eval_data_rows
 
     recipe = plan.recipe
     data, ev = recipe.data, recipe.eval
     splits = load_splits(recipe)
     if ev.data:
-        rows, report, _ = check_source(
-            ev.data, data, num_labels=recipe.model.num_labels, field_name="eval.data",
-            labels=splits.labels,
-        )  # fmt: skip
-        if report.problems:
-            log.warning(
-                "eval.data: %d invalid row(s) skipped; first: %s",
-                len(report.problems),
-                report.problems[0].render(),
-            )
-        source = ev.data
+        rows, source = eval_data_rows(recipe, splits.labels), ev.data
     elif splits.validation:
         rows, source = splits.validation, "the validation split"
     else:
