@@ -13,7 +13,9 @@ setup:
 	bash scripts/setup.sh
 
 RUN_DIR ?= runs/quickstart
-quickstart: setup
+# llama.cpp (only `tune-launch export --format gguf` needs it) builds in the background
+quickstart:
+	LLAMA_CPP_BUILD=background bash scripts/setup.sh
 	$(VENV)/bin/tune-launch recipes/quickstart.yaml --run-dir $(RUN_DIR)
 
 cluster-up:
