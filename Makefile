@@ -34,7 +34,7 @@ lint: setup
 test:
 	LLAMA_CPP_BUILD=background bash scripts/setup.sh
 	$(MAKE) cluster-up lint
-	$(PY) -m pytest tests -v --durations=25 -p no:cacheprovider
+	$(PY) -m pytest tests -v --durations=60 -p no:cacheprovider
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not train and not slurm and not vllm and not bench" -q

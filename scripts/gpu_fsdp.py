@@ -9,7 +9,9 @@ resources.accelerator=gpu, gpus_per_node=1):
 - run: the real `tune-launch` train stage: it exits 0, logs steps and writes final/.
 - probe: the plan's own launch command with scripts/gpu_fsdp_probe.py in place of
   `-m launcher.train`: the rank's code reports which modules FSDP2 wrapped; every decoder
-  layer must be an FSDPModule, the root too, and (QLoRA) the 4-bit weights stored in bf16.
+  layer must be an FSDPModule, the root, the input embedding and the output layer too
+  (accelerate's own units: torchtune's custom_sharded_layers), and (QLoRA) the 4-bit weights
+  stored in bf16.
 
 On CPU the plans are checked (resolving a plan needs no GPU), the runs are skipped (accelerate
 refuses FSDP on CPU hosts), and the probe runs once under DDP on gloo, where it must find the
@@ -37,8 +39,8 @@ MEASURES = (
     "quant-storage setting"
 )
 TARGET = (
-    "every decoder layer and the root an FSDP2 module; QLoRA's 4-bit weights "
-    "stored in bf16 and trained"
+    "every decoder layer, the input embedding, the output layer and the root an FSDP2 "
+    "module; QLoRA's 4-bit weights stored in bf16 and trained"
 )
 
 
@@ -117,6 +119,9 @@ def probe(ctx: Context, method: str) -> dict[str, Any]:
         return {"strategy": "ddp (CPU: FSDP needs CUDA)", **seen}
     assert after["layers_wrapped"] == LAYERS, f"decoder layers not all FSDP2 modules: {after}"
     assert after["root_wrapped"], f"the root module is not an FSDP2 module: {after}"
+    # torchtune's custom_sharded_layers [tok_embeddings, output]: accelerate's own units
+    assert after["embedding_wrapped"], f"the input embedding is not an FSDP2 unit: {after}"
+    assert after["output_wrapped"], f"the output layer is not an FSDP2 unit: {after}"
     assert after["params_dtensor"] > 0, f"no parameter is a sharded DTensor: {after}"
     if method == "qlora":
         assert after["linear4bit"] > 0, f"no 4-bit linear layer: {after}"

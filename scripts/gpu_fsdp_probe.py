@@ -10,7 +10,7 @@ train -> final/), started by the same torchrun command with the same environment
 addition is a callback on the trainer. On rank 0 it records, once the trainer has prepared
 the model (train begin) and again after the first optimizer step: how many of the plan's
 decoder-layer modules there are and how many are FSDP2 modules (`FSDPModule`), whether the
-root is, how many parameters are sharded DTensors, and for QLoRA the storage dtype of the
+root, the input embedding and the output layer are, how many parameters are sharded DTensors, and for QLoRA the storage dtype of the
 packed 4-bit weights.
 """
 
@@ -37,12 +37,18 @@ def describe(model: Any, layer_class: str) -> dict[str, Any]:
     params = list(model.parameters())
     sharded = [p for p in params if isinstance(p, DTensor)]
     quant = [m.weight for m in four_bit]
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {
         "layer_class": layer_class,
         "layers": len(layers),
         "layers_wrapped": sum(isinstance(m, FSDPModule) for m in layers),
         "wrapped_layer_type": type(layers[0]).__name__ if layers else None,
         "root_wrapped": isinstance(model, FSDPModule),
+        # accelerate's own units for the input embedding and the output layer (torchtune's
+        # custom_sharded_layers)
+        "embedding_wrapped": isinstance(embedding, FSDPModule),
+        "output_wrapped": isinstance(output, FSDPModule),
         "params": len(params),
         "params_dtensor": len(sharded),
         "placements": sorted({str(p.placements) for p in sharded}),

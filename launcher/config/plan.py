@@ -74,6 +74,9 @@ class Plan(BaseModel):
     adapter_dtype: str | None = None
     # train.dataloader_workers with `auto` resolved for this node (dataloader_workers_for)
     dataloader_workers: int = 0
+    # data.streaming: how the rank streams data.train (launcher/data/stream.py), as
+    # {shuffle_buffer, seed}; None: the data is read whole first (launcher/data/prepare.py)
+    stream: dict[str, int] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -118,9 +121,14 @@ class Plan(BaseModel):
     @property
     def packing_strategy(self) -> str:
         """How TRL packs (data.packing): best-fit packing is padding-free, which needs
-        FlashAttention to keep examples apart; otherwise examples are wrapped."""
-        flash = self.recipe.model.attn_implementation == "flash_attention_2"
-        return "bfd" if flash else "wrapped"
+        FlashAttention to keep examples apart; otherwise examples are wrapped. Best fit cuts an
+        example longer than max_seq_len (data.max_seq_len's truncation), except raw text
+        (continued pretraining), whose overflow goes on in further blocks (bfd_split): no
+        token of a long document is lost, as axolotl's and LLaMA-Factory's pretraining keep
+        them."""
+        if self.recipe.model.attn_implementation != "flash_attention_2":
+            return "wrapped"
+        return "bfd_split" if self.recipe.data.format == "text" else "bfd"
 
     @property
     def method(self) -> Method:
@@ -237,6 +245,18 @@ def dataloader_workers_for(recipe: Recipe, cpus: int) -> int:
     return max(1, min(2 * recipe.resources.gpus_per_node, 8, int(cpus * 0.25)))
 
 
+SHUFFLE_BUFFER = 10_000  # data.shuffle_buffer's default: rows a stream is shuffled through
+
+
+def stream_for(recipe: Recipe) -> dict[str, int] | None:
+    """data.streaming's settings for the rank, or None when the data is read whole."""
+    data = recipe.data
+    if not data.streaming:
+        return None
+    buffer = SHUFFLE_BUFFER if data.shuffle_buffer is None else data.shuffle_buffer
+    return {"shuffle_buffer": buffer, "seed": data.seed}
+
+
 def resolve(recipe: Recipe, facts: ClusterFacts) -> Plan:
     """Resolve a validated recipe into a frozen Plan; RecipeError lists every conflict."""
     shape = _shape(recipe, facts)
@@ -325,4 +345,5 @@ def resolve(recipe: Recipe, facts: ClusterFacts) -> Plan:
         objective_args=objective_args(recipe),
         adapter_dtype=resolve_adapter_dtype(recipe),
         dataloader_workers=dataloader_workers_for(recipe, cpus),
+        stream=stream_for(recipe),
     )

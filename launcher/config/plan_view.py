@@ -8,7 +8,7 @@ from typing import Any
 
 from launcher.config.methods import get_method
 from launcher.config.plan import Plan
-from launcher.config.schema import MethodConfig
+from launcher.config.schema import MethodConfig, TrainConfig
 from launcher.rundir import RunDir
 
 
@@ -61,6 +61,11 @@ def plan_table(plan: Plan) -> str:
                 f"{plan.micro_batch_size} x {plan.gradient_accumulation_steps} x {plan.world_size} = {plan.global_batch_size}",
             ),
             ("sequence length", r.data.max_seq_len or "no truncation"),
+            *(
+                [("data", "streamed, shuffle buffer {shuffle_buffer}, seed {seed}".format(**s))]
+                if (s := plan.stream)
+                else []
+            ),
         ]
     )
     out += ["", "training"]
@@ -70,7 +75,8 @@ def plan_table(plan: Plan) -> str:
             ("method", _method_line(r.method)),
             (
                 "objective",
-                " ".join([plan.objective, *(f"{k}={v}" for k, v in plan.objective_args.items())]),
+                " ".join([plan.objective, *(f"{k}={v}" for k, v in plan.objective_args.items())])
+                + (f", head dropout {r.model.head_dropout}" if r.model.head_dropout else ""),
             ),
             (
                 "strategy",
@@ -85,7 +91,7 @@ def plan_table(plan: Plan) -> str:
                 + (", 8-bit base" if r.method.kind == "qlora" and r.method.quant.bits == 8 else "")
                 + (f", adapters {plan.adapter_dtype}" if plan.adapter_dtype else ""),
             ),
-            ("optimizer", r.train.optimizer),
+            ("optimizer", _optimizer_line(r.train)),
             ("checkpointing", "on" if r.train.gradient_checkpointing else "off"),
         ]
     )
@@ -128,6 +134,14 @@ def dry_run_text(plan: Plan, written: dict[str, Path], request: str) -> str:
             out += ["", f"--- {written[path.name]}", written[path.name].read_text().rstrip()]
     out += ["", "(dry run: nothing was launched)"]
     return "\n".join(out)
+
+
+def _optimizer_line(t: TrainConfig) -> str:
+    """train.optimizer and its weight decay, with the parameters it skips."""
+    if not t.weight_decay:
+        return t.optimizer
+    skips = "every parameter" if t.weight_decay_exempt == "none" else "biases and norms exempt"
+    return f"{t.optimizer}, weight decay {t.weight_decay} ({skips})"
 
 
 def _method_line(m: MethodConfig) -> str:

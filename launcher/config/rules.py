@@ -19,6 +19,7 @@ from launcher.config import (
     rules_data,
     rules_methods,
     rules_quant,
+    rules_stream,
     rules_tracking,
     rules_train,
 )
@@ -413,7 +414,7 @@ def saved_modules_known_for_the_estimate(c: Candidate) -> list[str]:
 Rule = Callable[[Candidate], list[Problem]]
 Advice = Callable[[Candidate], list[str]]
 
-RULES: list[Rule] = [  # data rules: rules_data.py
+RULES: list[Rule] = [  # data rules: rules_data.py, rules_stream.py
     global_batch_divides_evenly,
     rules_quant.qlora_storage_equals_compute_when_sharded,
     rules_quant.quant_settings_need_qlora,
@@ -429,6 +430,7 @@ RULES: list[Rule] = [  # data rules: rules_data.py
     rules_train.overlap_comm_is_deepspeeds,
     rules_train.loader_settings_fit,
     rules_train.fsdp_settings_fit_their_version,
+    rules_train.weight_decay_exempt_needs_decay,
     offload_params_needs_zero3,
     offload_optimizer_needs_zero,
     offload_optimizer_needs_adamw_torch,
@@ -440,6 +442,8 @@ RULES: list[Rule] = [  # data rules: rules_data.py
     rules_data.weights_given_for_every_source_or_none,
     rules_data.validation_sources_are_used_whole,
     rules_data.subset_and_split_are_a_hub_datasets,
+    rules_stream.streaming_needs_a_length_free_recipe,
+    rules_stream.shuffle_buffer_is_a_streams,
     rules_tracking.tracking_settings_need_their_tracker,
     rules_tracking.wandb_online_needs_the_api_key,
     rules_tracking.mlflow_store_is_a_database_or_server,
@@ -453,6 +457,7 @@ RULES: list[Rule] = [  # data rules: rules_data.py
     rules_methods.prefix_tuning_without_gradient_checkpointing,
     rules_methods.preference_settings_need_preference_pairs,
     rules_methods.reward_model_has_one_output,
+    rules_methods.head_dropout_needs_a_head,
     rules_methods.kto_needs_two_rows_per_batch,
     eval_needs_serving,
     serving_needs_a_generative_model,

@@ -227,3 +227,20 @@ def kto_needs_two_rows_per_batch(c: Candidate) -> list[Problem]:
             recipe.train.micro_batch_size,
         )
     ]
+
+
+def head_dropout_needs_a_head(c: Candidate) -> list[Problem]:
+    """model.head_dropout drops the input of a classifier's or reward model's score layer; a
+    causal LM has no such layer (its lm_head is the vocabulary projection)."""
+    model = c.recipe.model
+    if model.head_dropout == 0 or model.task == "sequence_classification":
+        return []
+    return [
+        Problem(
+            "model.head_dropout",
+            f"model.task={model.task} has no score or classifier layer to drop the input of",
+            "use model.task=sequence_classification (a classifier or data.format=reward), "
+            "or remove it",
+            model.head_dropout,
+        )
+    ]

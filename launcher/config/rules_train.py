@@ -128,3 +128,20 @@ def fsdp1_is_deprecated(c: Candidate) -> list[str]:
         "distributed.fsdp.version=1: FSDP1 is deprecated by transformers (5.19 runs it and "
         "warns; 5.20 removes it)"
     ]
+
+
+def weight_decay_exempt_needs_decay(c: Candidate) -> list[Problem]:
+    """train.weight_decay_exempt chooses which parameters decay; with no decay it would say
+    something the run does not do."""
+    train = c.recipe.train
+    if train.weight_decay_exempt == "bias_and_norm" or train.weight_decay > 0:
+        return []
+    return [
+        Problem(
+            "train.weight_decay_exempt",
+            f"{train.weight_decay_exempt}: every parameter would decay by train.weight_decay, "
+            "which is 0",
+            "set train.weight_decay (torch.optim.AdamW's default is 0.01), or remove it",
+            train.weight_decay_exempt,
+        )
+    ]

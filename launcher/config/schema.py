@@ -61,6 +61,15 @@ class ModelConfig(Section):
         description="Number of classes (sequence_classification only); 1 for a reward model "
         "(data.format=reward).",
     )
+    head_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="sequence_classification: dropout on the input of the score / classifier "
+        "layer while training (never at eval or in the saved model, which keeps transformers' "
+        "layout). 0.1 is TRL's ValueHead, LLaMA-Factory's stage rm reward head "
+        "(summary_dropout_prob).",
+    )
 
 
 class QuantConfig(Section):

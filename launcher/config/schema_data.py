@@ -70,8 +70,8 @@ class DataConfig(Section):
         description="alpaca: instruction/input/output; messages: OpenAI-style chat, every "
         "assistant turn trained (data.assistant_turns); text: raw text (continued pretraining); "
         "preference: prompt/chosen/rejected (DPO), chosen/rejected as answers or as whole "
-        "conversations repeating the prompt (Argilla/UltraFeedback), trained by "
-        "train.preference_loss; classification: text + label columns; kto: unpaired "
+        "conversations repeating the prompt (Argilla/UltraFeedback), an optional system "
+        "column (a system turn first), trained by train.preference_loss; classification: text + label columns; kto: unpaired "
         "prompt/completion/label (true: desirable) rows (KTO); reward: prompt/chosen/rejected "
         "pairs for a reward model (model.task=sequence_classification, model.num_labels=1).",
     )
@@ -107,6 +107,21 @@ class DataConfig(Section):
         "then assumes the model's context length, the longest an example can be.",
     )
     packing: bool = Field(False, description="Pack several examples into one sequence.")
+    streaming: bool = Field(
+        False,
+        description="Stream data.train (data.format=text, one source) instead of reading it "
+        "whole first: rows are read, checked, tokenized and packed as training consumes them "
+        "(axolotl's pretraining_dataset, LLaMA-Factory's streaming), each rank its own part; "
+        "a hub dataset still comes from the local cache. Needs train.max_steps; rows are not "
+        "counted ahead, so no val_split (give data.validation, read whole), no mix, no "
+        "evals_per_epoch; invalid rows stop the run or are dropped as they are met.",
+    )
+    shuffle_buffer: int | None = Field(
+        None,
+        ge=0,
+        description="data.streaming: rows shuffled through a buffer of this many, by data.seed "
+        "(LLaMA-Factory's buffer_size); 0: the source's order. Default: 10000.",
+    )
     val_split: float = Field(
         0.0,
         ge=0,
@@ -114,7 +129,9 @@ class DataConfig(Section):
         description="Fraction of train held out for validation (no validation file).",
     )
     seed: int = Field(
-        42, description="Seed of the train/validation split and of the mix of several sources."
+        42,
+        description="Seed of the train/validation split, of the mix of several sources and of "
+        "a stream's shuffle buffer.",
     )
     completion_only_loss: bool = Field(
         True, description="Loss only on completion tokens for instruction/chat data."

@@ -29,7 +29,11 @@ class FsdpConfig(Section):
     """distributed.strategy=fsdp: how FSDP shards (GPU clusters)."""
 
     version: Literal[1, 2] = Field(
-        2, description="FSDP2 (fully_shard, transformers' default) or FSDP1 (deprecated)."
+        2,
+        description="FSDP2 (fully_shard, transformers' default) or FSDP1 (deprecated). FSDP2 "
+        "units, as accelerate wraps: each decoder block, the input embedding, and the output "
+        "layer with the final norm (tied embeddings: embedding, norm and output layer in one); "
+        "FSDP1: the blocks, the rest in the root.",
     )
     sharding: Literal["full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2"] = Field(
         "full_shard",

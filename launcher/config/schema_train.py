@@ -28,6 +28,12 @@ class TrainConfig(Section):
         None, ge=0, description="Warmup in optimizer steps, instead of train.warmup_ratio."
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    weight_decay_exempt: Literal["bias_and_norm", "none"] = Field(
+        "bias_and_norm",
+        description="Parameters train.weight_decay skips. bias_and_norm: the Trainer's rule, "
+        "biases and normalisation weights get no decay; none: every trained parameter decays "
+        "(torch.optim.AdamW over model.parameters(), as torchtune builds it).",
+    )
     max_grad_norm: float | None = Field(
         1.0, ge=0, description="Gradient clipping norm; 0 or null: no clipping."
     )

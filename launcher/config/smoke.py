@@ -10,7 +10,8 @@ adapter at the end) rather than the model:
              of a local config.json), built into RUN_DIR/base by the pipeline
 - data       a small synthetic data set of the recipe's format (written by smoke_recipe:
              resolve() stays pure; see `smoke_data_path`), max_seq_len 64, packing kept;
-             4 validation rows when the recipe validates at all
+             4 validation rows when the recipe validates at all (data.streaming kept: the
+             synthetic file is streamed, and read whole as its validation source)
 - train      max_steps 6, save_steps 3 (two checkpoints), logging every step, gradient
              accumulation at most 2 (global batch = micro batch x world x that)
 - time       at most 30 minutes (a smoke job should not wait behind two-day reservations)
@@ -156,15 +157,16 @@ def smoke_recipe(recipe: Recipe) -> Recipe:
         method_update["quant"] = method.quant.model_copy(update=quant_update)
 
     data_path = write_smoke_data(renamed)
+    validates = bool(recipe.data.validation or recipe.data.val_split)
     data_update = {
         "train": str(data_path),
         "validation": None,
-        "val_split": SMOKE_VALIDATION_ROWS / SMOKE_ROWS
-        if (recipe.data.validation or recipe.data.val_split)
-        else 0.0,
+        "val_split": SMOKE_VALIDATION_ROWS / SMOKE_ROWS if validates else 0.0,
         "max_seq_len": SMOKE_SEQ_LEN,
         "invalid_rows": "error",
     }
+    if recipe.data.streaming and validates:  # a stream has no fraction to hold out
+        data_update |= {"validation": str(data_path), "val_split": 0.0}
     train_update: dict[str, Any] = {
         "max_steps": SMOKE_STEPS,
         "save_steps": SMOKE_SAVE_STEPS,

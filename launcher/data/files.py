@@ -165,12 +165,21 @@ def _hub_problem(field_name: str, message: str, fix: str, value: str) -> RecipeE
     return RecipeError([Problem(field_name, message, fix, value)], "data")
 
 
+STREAM_SHARDS = 64  # a stream made of a datasets-cache Arrow table: shards for ranks, workers
+
+
 def _load_offline(
-    dataset_id: str, subset: str | None, split: str, data_dir: str | None = None
+    dataset_id: str,
+    subset: str | None,
+    split: str,
+    data_dir: str | None = None,
+    streaming: bool = False,
 ) -> Any:
     """The split of a hub dataset without any network: from its snapshot in the hub cache
     (what `hf download --repo-type dataset` leaves), else from the datasets cache of an earlier
-    `datasets.load_dataset` (HF_DATASETS_CACHE). LookupError when it is in neither."""
+    `datasets.load_dataset` (HF_DATASETS_CACHE). LookupError when it is in neither. streaming:
+    a datasets.IterableDataset (the snapshot's files streamed, one shard each; a datasets-cache
+    table, already Arrow on disk, iterated in STREAM_SHARDS shards)."""
     import datasets
     import huggingface_hub
     from huggingface_hub import snapshot_download
@@ -180,11 +189,16 @@ def _load_offline(
     except (huggingface_hub.errors.LocalEntryNotFoundError, ValueError):
         folder = None
     if folder is not None:
-        return datasets.load_dataset(folder, subset, split=split, data_dir=data_dir)
+        return datasets.load_dataset(
+            folder, subset, split=split, data_dir=data_dir, streaming=streaming
+        )
     # offline for this call even when the environment says otherwise: never a network wait
     offline, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, True
     try:
-        return datasets.load_dataset(dataset_id, subset, split=split, data_dir=data_dir)
+        table = datasets.load_dataset(dataset_id, subset, split=split, data_dir=data_dir)
+        if not streaming:
+            return table
+        return table.to_iterable_dataset(num_shards=max(1, min(STREAM_SHARDS, len(table))))
     except (ConnectionError, FileNotFoundError) as exc:
         raise LookupError(str(exc)) from None
     finally:
@@ -195,6 +209,22 @@ def _read_hub(
     dataset_id: str, subset: str | None, split: str, field_name: str, data_dir: str | None = None
 ) -> list[tuple[int, Row]]:
     """A hub dataset's rows, read offline from the local Hugging Face cache."""
+    rows = open_hub(dataset_id, subset, split, field_name, data_dir)
+    return [(i, dict(row)) for i, row in enumerate(rows, start=1)]
+
+
+def open_hub(
+    dataset_id: str,
+    subset: str | None,
+    split: str,
+    field_name: str,
+    data_dir: str | None = None,
+    *,
+    streaming: bool = False,
+) -> Any:
+    """A hub dataset's split from the local Hugging Face cache (a datasets.Dataset, or for
+    `streaming` an IterableDataset); RecipeError naming the `hf download` when it is not
+    there or cannot be read."""
     if dataset_id.count("/") > 1 or dataset_id.startswith(("/", ".", "~")):
         raise _hub_problem(
             field_name,
@@ -203,7 +233,7 @@ def _read_hub(
             dataset_id,
         )
     try:
-        rows = _load_offline(dataset_id, subset, split, data_dir)
+        return _load_offline(dataset_id, subset, split, data_dir, streaming)
     except LookupError:
         raise _hub_problem(
             field_name,
@@ -227,7 +257,6 @@ def _read_hub(
             HUB_FIX.format(id=dataset_id),
             dataset_id,
         ) from None
-    return [(i, dict(row)) for i, row in enumerate(rows, start=1)]
 
 
 def read_rows(

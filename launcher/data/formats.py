@@ -11,10 +11,11 @@ Pure Python: the plan imports this on the submitting host without torch.
     messages        messages: [{role, content}, ...] ending with an assistant turn
     text            <text_column>: str  (continued pretraining)
     preference      prompt, chosen, rejected: str or message lists (DPO); chosen/rejected may
-                    repeat the prompt's turns first (Argilla/UltraFeedback), stripped
+                    repeat the prompt's turns first (Argilla/UltraFeedback), stripped;
+                    system (str, optional): a system turn before the prompt
     classification  <text_column>: str, <label_column>: int in [0, num_labels) or str
     kto             prompt, completion: str or message lists; label: bool (true: the
-                    completion is desirable) - unpaired rows (KTO)
+                    completion is desirable) - unpaired rows (KTO); system as preference
     reward          prompt, chosen, rejected as for preference: pairs a reward model scores
 
 Rows given to the trainers: alpaca and messages become conversational prompt/completion
@@ -202,9 +203,30 @@ def _answer_turns(row: Row, key: str) -> tuple[list[dict[str, str]], str | None]
     return turns[len(prompt) :], None
 
 
+def _prompt_turns(row: Row) -> list[dict[str, str]]:
+    """The prompt's turns of a pair or KTO row, a `system` column first (Argilla's and
+    axolotl's pairs; absent, null or empty: no system turn, as axolotl reads it)."""
+    turns = _as_turns(row["prompt"], "user")
+    if row.get("system"):
+        turns = [{"role": "system", "content": row["system"]}, *turns]
+    return turns
+
+
+def _system_problem(row: Row) -> str | None:
+    system = row.get("system")
+    if system is None or system == "":
+        return None
+    if not isinstance(system, str):
+        return f"'system' must be a string (got {type(system).__name__})"
+    if _as_turns(row["prompt"], "user")[0]["role"] == "system":
+        return "a 'system' column and a system turn in 'prompt': give the system prompt once"
+    return None
+
+
 def _preference_problem(row: Row, data: DataConfig, num_labels: int | None) -> str | None:
     problem = (
         _turn_problem(row, "prompt", completion=False)
+        or _system_problem(row)
         or _turn_problem(row, "chosen", completion=True)
         or _turn_problem(row, "rejected", completion=True)
         or _answer_turns(row, "chosen")[1]
@@ -217,7 +239,7 @@ def _preference_problem(row: Row, data: DataConfig, num_labels: int | None) -> s
 
 def _preference_convert(row: Row, data: DataConfig, labels: dict[str, int] | None) -> Row:
     return {
-        "prompt": _as_turns(row["prompt"], "user"),
+        "prompt": _prompt_turns(row),
         "chosen": _answer_turns(row, "chosen")[0],
         "rejected": _answer_turns(row, "rejected")[0],
     }
@@ -258,8 +280,10 @@ def _classification_convert(row: Row, data: DataConfig, labels: dict[str, int] |
 
 
 def _kto_problem(row: Row, data: DataConfig, num_labels: int | None) -> str | None:
-    problem = _turn_problem(row, "prompt", completion=False) or _turn_problem(
-        row, "completion", completion=True
+    problem = (
+        _turn_problem(row, "prompt", completion=False)
+        or _system_problem(row)
+        or _turn_problem(row, "completion", completion=True)
     )
     if problem:
         return problem
@@ -272,7 +296,7 @@ def _kto_problem(row: Row, data: DataConfig, num_labels: int | None) -> str | No
 
 def _kto_convert(row: Row, data: DataConfig, labels: dict[str, int] | None) -> Row:
     return {
-        "prompt": _as_turns(row["prompt"], "user"),
+        "prompt": _prompt_turns(row),
         "completion": _as_turns(row["completion"], "assistant"),
         "label": row["label"],
     }

@@ -42,7 +42,8 @@ class DataReport:
     valid: int = 0
     problems: list[RowProblem] = field(default_factory=list)
     duplicates: int = 0  # kept: repeated rows are often intended (upsampling)
-    over_long: int = 0  # longer than max_seq_len in tokens: truncated
+    over_long: int = 0  # longer than max_seq_len in tokens: see over_long_fate
+    over_long_fate: str = "truncated"  # or what packing does with them (over_long_fate())
     measured: bool = False  # whether token lengths were checked
     role: str = "train"  # train or validation
     weight: float | None = None  # data.train[i].weight
@@ -55,7 +56,7 @@ class DataReport:
         if self.duplicates:
             parts.append(f"{self.duplicates} duplicates (kept)")
         if self.measured:
-            parts.append(f"{self.over_long} longer than max_seq_len (truncated)")
+            parts.append(f"{self.over_long} longer than max_seq_len ({self.over_long_fate})")
         else:
             parts.append("token lengths not checked (no tokenizer yet)")
         if self.used is not None:
@@ -75,8 +76,17 @@ class DataReport:
             "invalid": len(self.problems),
             "duplicates": self.duplicates,
             "over_long": self.over_long,
+            "over_long_fate": self.over_long_fate,
             "problems": [p.render() for p in self.problems[:MAX_LISTED]],
         }
+
+
+def over_long_fate(packing: bool, strategy: str) -> str:
+    """What training does with an example longer than max_seq_len: TRL truncates it unless
+    packing carries the rest into further blocks (wrapped and bfd_split packing)."""
+    if packing and strategy in ("wrapped", "bfd_split"):
+        return "the rest continued in the next packed block"
+    return "truncated"
 
 
 def label_mapping(rows: Iterable[Row], data: DataConfig) -> dict[str, int] | None:
@@ -349,7 +359,13 @@ def load_splits(recipe: Recipe, measure: LengthFn | None = None) -> Splits:
 def validate_data(recipe: Recipe, tokenizer: Any = None) -> list[DataReport]:
     """Launcher-side check before any process starts: RecipeError (exit 2) for a missing or
     empty file, and for invalid rows when data.invalid_rows=error. Token lengths are checked
-    when a tokenizer is given."""
+    when a tokenizer is given. A streamed recipe (data.streaming) has its stream's first rows
+    checked, not the whole stream (launcher/data/stream.py)."""
+    if recipe.data.streaming:
+        from launcher.config.plan import stream_for
+        from launcher.data.stream import check_stream
+
+        return check_stream(recipe, stream_for(recipe) or {})
     measure = length_fn(tokenizer, recipe.data) if tokenizer is not None else None
     return load_splits(recipe, measure).reports
 

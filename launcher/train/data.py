@@ -3,8 +3,10 @@
 Rank 0 reads, validates, converts, tokenizes and splits the recipe's data in one pass through
 `datasets` (launcher/data/prepare.py: the checks of launcher/data/rows.py, conversations with a
 loss mask over their assistant turns as launcher/data/turns.py makes it) into
-RUN_DIR/data_cache, and every rank memory-maps the result. Only rank 0 logs the data report
-and writes RUN_DIR/data_report.json.
+RUN_DIR/data_cache, and every rank memory-maps the result; with data.streaming (the plan's
+`stream`) rank 0 prepares only the validation sources and every rank opens the training
+stream itself (launcher/data/stream.py). Only rank 0 logs the data report and writes
+RUN_DIR/data_report.json.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ log = logging.getLogger("launcher.train")
 
 @dataclass
 class RankData:
-    train: Any  # datasets.Dataset: the trainer's rows
+    train: Any  # datasets.Dataset: the trainer's rows (an IterableDataset for data.streaming)
     validation: Any  # datasets.Dataset, or None without validation rows
     labels: dict[str, int] | None  # string label -> id (classification with string labels)
     num_labels: int | None  # the classifier's outputs (classification)
@@ -47,13 +49,19 @@ def load_data(plan: Plan, run: RunDir, tokenizer: Any, main: bool) -> RankData:
     then memory-maps. The other ranks wait for it (as TRL's main-process-first preparation
     does) and stop when rank 0 could not prepare the data."""
     from launcher.data.prepare import prepare_splits
+    from launcher.data.stream import prepare_streamed, train_stream
 
     barrier()  # every rank past a previous attempt's data_cache before rank 0 replaces it
     failed: Exception | None = None
     if main:
         try:
-            prepared = prepare_splits(plan.recipe, tokenizer, run.data_cache)
+            if plan.stream is not None:  # the validation only: each rank opens the stream
+                prepared = prepare_streamed(plan.recipe, tokenizer, run.data_cache, plan.stream)
+            else:
+                prepared = prepare_splits(plan.recipe, tokenizer, run.data_cache)
+            fate = rows.over_long_fate(plan.recipe.data.packing, plan.packing_strategy)
             for report in prepared.reports:
+                report.over_long_fate = fate
                 log.info("data %s", report.summary())
             report_text = json.dumps([r.to_dict() for r in prepared.reports], indent=2)
             run.data_report_file.write_text(report_text)
@@ -66,7 +74,7 @@ def load_data(plan: Plan, run: RunDir, tokenizer: Any, main: bool) -> RankData:
         raise RuntimeError("rank 0 could not prepare the data (its log says why)")
     labels = json.loads((run.data_cache / LABELS).read_text())
     return RankData(
-        train=_load(run, "train"),
+        train=train_stream(plan.recipe, plan.stream) if plan.stream else _load(run, "train"),
         validation=_load(run, "validation"),
         labels=labels,
         num_labels=len(labels) if labels else plan.recipe.model.num_labels,

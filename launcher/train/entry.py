@@ -163,21 +163,23 @@ def resume_point(run: RunDir, main: bool) -> Checkpoint | None:
 
 def log_start(plan: Plan, run: RunDir, trainer: Any, trainable: tuple[int, int]) -> None:
     recipe, validation = plan.recipe, trainer.eval_dataset
+    # a stream (data.streaming) has no length: its rows are not counted, and not said
+    train_rows = len(trainer.train_dataset) if plan.stream is None else None
     facts = {
         "trainable_params": trainable[0],
         "total_params": trainable[1],
-        "train_rows": len(trainer.train_dataset),
+        "train_rows": train_rows,
         "validation_rows": len(validation) if validation is not None else 0,
     }
     RunDir.write_atomic(run.train_facts_file, json.dumps(facts, indent=2))
     log.info(
-        "training %s (%s, %s): %s of %s parameters trainable, %d train / %d validation rows",
+        "training %s (%s, %s): %s of %s parameters trainable, %s train / %d validation rows",
         recipe.model.name_or_path,
         recipe.method.kind,
         recipe.distributed.strategy,
         f"{trainable[0]:,}",
         f"{trainable[1]:,}",
-        len(trainer.train_dataset),
+        "streamed" if train_rows is None else train_rows,
         len(validation) if validation is not None else 0,
     )
 

@@ -9,13 +9,14 @@ weights while loading.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
 import torch
 
 from launcher.config.plan import Plan
-from launcher.errors import RunError
+from launcher.errors import Problem, RecipeError, RunError
 from launcher.train.data import RankData
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,43 @@ def peft_config(plan: Plan, model: Any) -> Any:
     from launcher.train import peft_configs
 
     return peft_configs.peft_config(plan, model)
+
+
+# transformers' names for a sequence classifier's output layer (decoders: score)
+HEAD_NAMES = ("score", "classifier")
+
+
+def add_head_dropout(model: Any, p: float) -> str | None:
+    """model.head_dropout: dropout on the input of the score / classifier layer while the
+    model trains, as TRL's ValueHead (LLaMA-Factory's reward model) drops its input before its
+    linear map. A forward pre-hook on the layer (on peft's wrapper of it, when the head is in
+    modules_to_save): no weight is added or renamed, so the saved and merged model keep
+    transformers' layout, and evaluation (eval mode) sees no dropout. Returns the layer's
+    name; None when p is 0."""
+    if not p:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in HEAD_NAMES:
+        head = getattr(base, name, None)
+        if isinstance(head, torch.nn.Module):
+            head.register_forward_pre_hook(functools.partial(_drop_input, p))
+            log.info("model.head_dropout: dropout %g on the input of %s while training", p, name)
+            return name
+    problem = Problem(
+        "model.head_dropout",
+        f"{type(base).__name__} has no {' or '.join(HEAD_NAMES)} layer",
+        "remove it (it applies to transformers' sequence-classification heads)",
+        p,
+    )
+    raise RecipeError([problem], "model")
+
+
+def _drop_input(p: float, module: torch.nn.Module, args: tuple[Any, ...]) -> Any:
+    if not module.training:
+        return None
+    if not args:  # never silently without the dropout the recipe asks for
+        raise RuntimeError(f"{type(module).__name__} was called without a positional input")
+    return (torch.nn.functional.dropout(args[0], p, training=True), *args[1:])
 
 
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")

@@ -49,7 +49,9 @@ class SampleLog:
 
     def __init__(self, run: RunDir, rank: int, dataset: Any) -> None:
         self.index: dict[str, int] = {}
-        if dataset is not None and "input_ids" in dataset.column_names:
+        # a stream (no length) is not indexed: its rows are logged by their tokens' key
+        indexed = dataset is not None and hasattr(dataset, "__len__")
+        if indexed and "input_ids" in dataset.column_names:
             for i, tokens in enumerate(dataset["input_ids"]):
                 self.index.setdefault(row_key(list(tokens)), i)
         run.logs.mkdir(parents=True, exist_ok=True)

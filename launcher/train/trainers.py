@@ -46,7 +46,11 @@ def build_trainer(
     else:
         base = trl_trainer(kind)
         parts["peft_config"] = lora  # TRL applies it right after set_seed(args.seed)
-    trainer = callbacks.trainer_class(base, hooks)(**parts)
+    trainer_cls = callbacks.trainer_class(base, hooks)
+    if plan.recipe.train.weight_decay_exempt == "none":
+        trainer_cls = decay_every_parameter(trainer_cls)
+    trainer = trainer_cls(**parts)
+    modeling.add_head_dropout(trainer.model, plan.recipe.model.head_dropout)
     cast = modeling.cast_adapters(trainer.model, plan)
     if cast:
         log.info("adapter weights cast to %s (method.adapter_dtype): %d", plan.adapter_dtype, cast)
@@ -55,6 +59,20 @@ def build_trainer(
         # normalises its loss by num_items_in_batch; it does not (loss x accumulation x world)
         trainer.model_accepts_loss_kwargs = False
     return trainer
+
+
+def decay_every_parameter(base: type) -> type:
+    """train.weight_decay_exempt=none: the optimizer's decay group holds every trained
+    parameter, as torch.optim.AdamW(model.parameters()) decays them in torchtune; the
+    Trainer's own rule (Trainer.get_decay_parameter_names) leaves out biases and norm
+    weights."""
+
+    class DecayEverything(base):
+        def get_decay_parameter_names(self, model: Any) -> list[str]:
+            return [name for name, _ in model.named_parameters()]
+
+    DecayEverything.__name__ = DecayEverything.__qualname__ = base.__name__
+    return DecayEverything
 
 
 def trl_trainer(objective: str) -> type:
@@ -69,11 +87,13 @@ def trl_trainer(objective: str) -> type:
         return CPOTrainer
     import trl
 
+    from launcher.train.reward import truncating_reward_trainer
+
     trainers = {
         "sft": trl.SFTTrainer,
         "dpo": trl.DPOTrainer,
         "kto": trl.KTOTrainer,
-        "reward": trl.RewardTrainer,
+        "reward": truncating_reward_trainer(),  # cuts over-long pairs, TRL's would drop them
     }
     return trainers[objective]
 

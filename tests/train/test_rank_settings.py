@@ -213,3 +213,27 @@ def test_a_target_module_the_model_lacks_is_refused_by_name(tmp_path: Path) -> N
     assert problem.message.startswith("qkv_proj, gate_up_proj: no module of llama")
     assert "q_proj" in problem.fix and "down_proj" in problem.fix
     assert peft_config(plan_for(tmp_path, "method.target_modules=[q_proj,v_proj]"), model)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "strategy", "fate"),
+    [
+        # raw text under FlashAttention: a long document goes on in further blocks
+        (["data.format=text", "model.attn_implementation=flash_attention_2"], "bfd_split", "rest"),
+        # chat data: best fit cuts an over-long example (data.max_seq_len's truncation)
+        (["model.attn_implementation=flash_attention_2"], "bfd", "truncated"),
+        # no FlashAttention: examples wrapped across blocks, nothing cut
+        (["data.format=text"], "wrapped", "rest"),
+    ],
+)
+def test_packing_keeps_long_documents_of_raw_text(
+    tmp_path: Path, overrides: list[str], strategy: str, fate: str
+) -> None:
+    from launcher.data.rows import over_long_fate
+
+    plan = plan_for(tmp_path, "data.packing=true", *overrides)
+    args = build(plan)
+    assert args.packing and args.packing_strategy == strategy
+    # what the data report says of the examples longer than max_seq_len
+    assert fate in over_long_fate(True, strategy)
+    assert over_long_fate(False, strategy) == "truncated"

@@ -101,3 +101,31 @@ def test_llamafactory_pairs_give_each_answer_as_one_sharegpt_message(tmp_path: P
     with pytest.raises(RecipeError) as caught:
         load_splits(broken)
     assert "p.jsonl:2" in caught.value.render() and "chosen[0]" in caught.value.render()
+
+
+def test_a_system_column_becomes_the_system_turn_of_the_prompt(tmp_path: Path) -> None:
+    """argilla/distilabel-intel-orca-dpo-pairs has system, input, chosen, rejected columns;
+    axolotl's bradley_terry.chat_template puts a non-empty system first, then input as the
+    user turn. Read so by default (the column was ignored before: the pairs trained without
+    their system prompt)."""
+    rows = [
+        {"system": "Answer briefly.", "input": Q, "chosen": "Jupiter", "rejected": "Mars"},
+        {"system": "", "input": Q, "chosen": "Jupiter", "rejected": "Mars"},
+        {"system": 3, "input": Q, "chosen": "Jupiter", "rejected": "Mars"},
+        {"system": "Hi", "input": [{"role": "system", "content": "S"}, {"role": "user", "content": Q}],
+         "chosen": "Jupiter", "rejected": "Mars"},
+    ]  # fmt: skip
+    path = write(tmp_path / "p.jsonl", rows)
+    base = recipe(path).model_dump()
+    base["data"] |= {"format": "reward", "columns": {"input": "prompt"}, "invalid_rows": "drop"}
+    base["model"] |= {"task": "sequence_classification", "num_labels": 1}
+    split = load_splits(Recipe.model_validate(base))
+    assert [row["prompt"] for row in split.train] == [
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": Q}],
+        [{"role": "user", "content": Q}],
+    ]
+    problems = [p.problem for report in split.reports for p in report.problems]
+    assert problems == [
+        "'system' must be a string (got int)",
+        "a 'system' column and a system turn in 'prompt': give the system prompt once",
+    ]
