@@ -4,7 +4,8 @@
 The recipe asked now is compared with the one the checkpoint was trained under
 (launcher/config/resume.py decides): a change the checkpoint cannot take is refused (exit 2,
 every field with the old and new value and the fix); the others, and a new world size, are
-listed in one line and applied. `--restart` starts over in the same directory on purpose.
+listed in one line and applied; a streamed run has its own conditions
+(launcher/config/resume_stream.py). `--restart` starts over in the same directory on purpose.
 The resharding itself happens on the rank (launcher/train/resume.py).
 """
 
@@ -16,6 +17,8 @@ from typing import Any
 
 from launcher.config.plan import Plan
 from launcher.config.resume import compare
+from launcher.config.resume_stream import stream_refusals, trained_epoch
+from launcher.data.stream import shard_count
 from launcher.errors import RecipeError
 from launcher.rundir import Checkpoint, RunDir
 
@@ -58,8 +61,16 @@ def check_resume(plan: Plan, *, restart: bool) -> Checkpoint | None:
         packing=plan.recipe.data.packing,
         where=where,
     )
-    if verdict.refused:
-        raise RecipeError(verdict.refused, f"cannot resume {run.path} from {where}")
+    refused = verdict.refused + stream_refusals(
+        old,
+        plan,
+        step=last.step,
+        epoch=trained_epoch(last.path),
+        shards=lambda: shard_count(plan.recipe),
+        where=where,
+    )
+    if refused:
+        raise RecipeError(refused, f"cannot resume {run.path} from {where}")
     changes = list(verdict.applied)
     old_world = old.get("world_size")
     if old_world and old_world != plan.world_size:

@@ -114,6 +114,14 @@ def open_stream(source: DataSource, field_name: str) -> Any:
     return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
 
 
+def shard_count(recipe: Recipe) -> int:
+    """How many shards data.train's stream has (a local file: 1; a hub dataset: its files),
+    which decides how accelerate splits it between ranks (launcher/config/resume_stream.py)."""
+    source = recipe.data.train_sources()[0]
+    field_name = rows._field("data.train", recipe.data.train, 0)
+    return int(open_stream(source, field_name).n_shards)
+
+
 def _check(row: Row, *, data: DataConfig) -> Row:
     """A raw row -> {"text": its trainer text, PROBLEM: why it is invalid, or None}."""
     row = remap(row, data)

@@ -72,6 +72,7 @@ def train(plan: Plan, run: RunDir, rank: int) -> None:
     recipe, main = plan.recipe, rank == 0
     setup(plan, run)
     resume = resume_point(run, main)
+    resuming.check_stream_position(plan, resume)  # a stream resumes within its first pass
     universal = resuming.prepare(plan, resume, main)  # another world size wrote it (ZeRO)
     tokenizer, added_tokens = load_tokenizer(plan)
     data = load_data(plan, run, tokenizer, main)

@@ -18,6 +18,10 @@ global_batch_size rows of that order whatever the split into processes x micro-b
 accumulation; the plan keeps the global batch, so resuming at step N on a new world size
 continues at row N x global_batch_size, as the sample log (launcher/train/samples.py) shows.
 
+A stream (data.streaming) is resumed by reading it again from its start and skipping the
+steps trained; when that finds its place is launcher/config/resume_stream.py's, checked again
+here for a checkpoint past the stream's first pass (check_stream_position).
+
 Learning rate. The scheduler's saved state carries the peak learning rate it was built
 with; a resume that changes train.learning_rate rescales it (ScheduleOnResume), so the
 schedule continues at the same step with the new peak.
@@ -181,6 +185,22 @@ class ScheduleOnResume(TrainerCallback):
             optimizer.param_groups[0]["lr"],
             state.global_step,
         )
+
+
+def check_stream_position(plan: Plan, resume: Checkpoint | None) -> None:
+    """A streamed run's resume point on the rank (a restart or requeue the launcher did not
+    check): RecipeError when the checkpoint was trained past the stream's first pass, where
+    the Trainer's skip cannot find its place (launcher/config/resume_stream.py)."""
+    from launcher.config.resume_stream import past_first_pass, trained_epoch
+    from launcher.errors import RecipeError
+
+    if plan.stream is None or resume is None:
+        return
+    where = f"{resume.path.name} (step {resume.step})"
+    steps_left = (plan.recipe.train.max_steps or 0) - resume.step
+    problems = past_first_pass(trained_epoch(resume.path), where, steps_left=steps_left)
+    if problems:
+        raise RecipeError(problems, f"cannot resume {resume.path.parent.parent} from {where}")
 
 
 def schedule_callback(plan: Plan, resume: Checkpoint | None) -> ScheduleOnResume | None:

@@ -7,6 +7,7 @@ untrained base); the others train a handful of steps and their loss must go down
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -15,8 +16,10 @@ from typing import Any
 import pytest
 
 from launcher.rundir import RunDir
+from launcher.train.samples import steps_to_rows
 
 from .conftest import PYTHON, REPO, cli_env, explain, train_losses
+from .test_resume_anywhere import LOSS_RTOL, loss_by_step
 
 pytestmark = pytest.mark.train
 
@@ -27,6 +30,7 @@ STREAMED = [
     "data.val_split=0",
     "data.validation=../data/reviews_text_eval.jsonl",
 ]
+EVERY_STEP = ["train.logging_steps=1", "train.log_samples=true", "train.save_steps=4"]
 RUNS: dict[str, tuple[str, list[str]]] = {
     # the whole pipeline: train then eval (the recipe's own 60 steps take ~7 s)
     "reward": ("reward", ["train.logging_steps=10", "eval.max_examples=40"]),
@@ -37,22 +41,26 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     # DPO's loss starts at ln 2 and wanders for its first dozen steps: 30 steps
     "dpo": ("dpo", ["train.max_steps=30", "train.save_steps=30", "train.logging_steps=5"]),
     # continued pretraining streamed (data.streaming): the text read, packed and split
-    # between the 2 ranks as training consumes it; a held-out file read whole for validation
-    "cpt": ("cpt", [*SHORT, *STREAMED]),
+    # between the 2 ranks as training consumes it; a held-out file read whole for validation.
+    # Every step's loss and rows logged, a checkpoint every 4 steps: the uninterrupted run
+    # test_a_streamed_run_resumes_as_if_uninterrupted compares with
+    "cpt": ("cpt", [*SHORT, *STREAMED, *EVERY_STEP]),
     # the guides' sentiment classifier as written (60 steps): train, then eval against the base
     "classifier": ("classifier", []),
 }
 WITH_EVAL = ("reward", "classifier")
 
 
-def _run(run_dir: Path, recipe: Path, stages: str, sets: list[str]) -> Any:
+def _run(
+    run_dir: Path, recipe: Path, stages: str, sets: list[str], env: dict[str, str] | None = None
+) -> Any:
     """`tune-launch run RECIPE --stages STAGES --run-dir RUN_DIR --set ...`."""
     argv = [PYTHON, "-m", "launcher.cli", "run", str(recipe), "--stages", stages]
     argv += ["--run-dir", str(run_dir)]
     for assignment in sets:
         argv += ["--set", assignment]
     return subprocess.run(
-        argv, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=420
+        argv, cwd=REPO, env=env or cli_env(), capture_output=True, text=True, timeout=420
     )
 
 
@@ -115,3 +123,36 @@ def test_objective_loss_goes_down(name: str, objective_runs: dict[str, Path]) ->
         assert json.loads(run.train_facts_file.read_text())["train_rows"] is None
     if name == "kto":  # desirable completions above undesirable ones on held-out rows
         assert evaluated[-1]["eval_rewards/margins"] > 0, evaluated[-1]
+
+
+def test_a_streamed_run_resumes_as_if_uninterrupted(
+    objective_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The cpt run again, rank 0 killed right after its checkpoint of step 4, then the same
+    command: the resumed run reads the stream again and skips the 4 steps trained, and every
+    later step trains the rows, and reaches the loss, of the uninterrupted run, across the
+    end of the stream's first pass (at step 7: its 480 rows pack into ~110 blocks). Resuming
+    a checkpoint trained past that end is refused before any process starts."""
+    baseline, run_dir = objective_runs["cpt"], tmp_path / "resumed"
+    _, sets = RUNS["cpt"]
+    fault = cli_env(TUNE_LAUNCH_FAULT="exit_after_save:4")
+    stopped = _run(run_dir, CPU / "cpt.yaml", "train", sets, env=fault)
+    assert stopped.returncode == 1, explain(stopped)
+    resumed = _run(run_dir, CPU / "cpt.yaml", "train", sets, env=fault)
+    assert resumed.returncode == 0, explain(resumed)
+    assert "resuming from checkpoint-4 (step 4) with the same recipe" in resumed.stderr
+    ours, theirs = loss_by_step(run_dir), loss_by_step(baseline)
+    assert sorted(ours) == sorted(theirs) == list(range(1, 13)), "every step logged once"
+    worst = max(abs(ours[s] - theirs[s]) / abs(theirs[s]) for s in ours)
+    assert worst <= LOSS_RTOL, f"loss differs from the uninterrupted run by {worst:.2e}"
+    assert steps_to_rows(RunDir(run_dir)) == steps_to_rows(RunDir(baseline))
+    # the uninterrupted run's last checkpoint is past the stream's first pass
+    copy = RunDir(tmp_path / "past-first-pass")
+    shutil.copytree(baseline, copy.path)
+    logs_before = {p.name: p.stat().st_mtime for p in copy.logs.iterdir()}
+    refused = _run(copy.path, CPU / "cpt.yaml", "train", [*sets, "train.max_steps=16"])
+    assert refused.returncode == 2, explain(refused)
+    assert "Traceback" not in refused.stderr and "cannot resume" in refused.stderr
+    assert "data.streaming: checkpoint-12 (step 12) was trained past the end" in refused.stderr
+    # nothing started: no rank wrote
+    assert {p.name: p.stat().st_mtime for p in copy.logs.iterdir()} == logs_before
