@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print JSON")
 
     tiny = sub.add_parser("tiny", help="write a tiny random model of a real architecture")
-    tiny.add_argument("arch", help="llama, mistral, qwen2 or distilbert")
+    tiny.add_argument("arch", help="llama, mistral, qwen2, qwen3 or distilbert")
     tiny.add_argument("out_dir")
     tiny.add_argument(
         "--corpus", action="append", default=[], help="jsonl file(s) for the tokenizer"

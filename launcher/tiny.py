@@ -101,13 +101,14 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int, encoder: bool = Fals
 
 
 def decoder_config(shape: ModelShape, **extra: Any) -> Any:
-    """The transformers config of a decoder shape (llama, mistral, qwen2)."""
+    """The transformers config of a decoder shape (llama, mistral, qwen2, qwen3)."""
     import transformers
 
     cls = {
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
     }[shape.model_type]
     return cls(
         vocab_size=shape.vocab_size,

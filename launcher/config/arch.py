@@ -19,7 +19,7 @@ from typing import Any
 class ModelShape:
     """The dimensions that decide a model's size and cost."""
 
-    model_type: str  # llama | mistral | qwen2 | distilbert
+    model_type: str  # llama | mistral | qwen2 | qwen3 | distilbert
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -77,6 +77,8 @@ class ModelShape:
         return 0
 
     def norm_params_per_layer(self) -> int:
+        if self.model_type == "qwen3":  # and an RMSNorm of the queries' and keys' heads
+            return 2 * self.hidden_size + 2 * self.head_dim
         return (4 if not self.is_decoder else 2) * self.hidden_size
 
     def embedding_params(self) -> int:
@@ -144,6 +146,7 @@ _LAYER_CLASS = {
     "llama": "LlamaDecoderLayer",
     "mistral": "MistralDecoderLayer",
     "qwen2": "Qwen2DecoderLayer",
+    "qwen3": "Qwen3DecoderLayer",
     "distilbert": "TransformerBlock",
 }
 
@@ -173,6 +176,12 @@ BUILTIN: dict[str, ModelShape] = {
     "qwen2.5-0.5b": _llama(151936, 896, 4864, 24, 14, 2, True, "qwen2", 32768),
     "qwen2.5-1.5b": _llama(151936, 1536, 8960, 28, 12, 2, True, "qwen2", 32768),
     "qwen2.5-7b": _llama(152064, 3584, 18944, 28, 28, 4, False, "qwen2", 32768),
+    # Qwen3: head_dim 128 whatever the width, no qkv bias, q/k norms (2507 models: the same
+    # shapes with a longer context, which only the memory estimate's default length reads)
+    "qwen3-0.6b": _llama(151936, 1024, 3072, 28, 16, 8, True, "qwen3", 40960, 128),
+    "qwen3-4b": _llama(151936, 2560, 9728, 36, 32, 8, True, "qwen3", 40960, 128),
+    "qwen3-8b": _llama(151936, 4096, 12288, 36, 32, 8, False, "qwen3", 40960, 128),
+    "qwen3-14b": _llama(151936, 5120, 17408, 40, 40, 8, False, "qwen3", 40960, 128),
 }
 
 # what `tune-launch tiny` builds: small enough to train on a CPU in seconds; head_dim 32
@@ -181,6 +190,7 @@ TINY: dict[str, ModelShape] = {
     "llama": _llama(1024, 128, 256, 2, 4, 2, False, "llama", 512),
     "mistral": _llama(1024, 128, 256, 2, 4, 2, False, "mistral", 512),
     "qwen2": _llama(1024, 128, 256, 2, 4, 2, False, "qwen2", 512),
+    "qwen3": _llama(1024, 128, 256, 2, 4, 2, False, "qwen3", 512),
     "distilbert": ModelShape("distilbert", 1024, 64, 128, 2, 4, 4, 16, True, 512, "float32"),
 }
 
@@ -211,8 +221,10 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape | None:
             config.get("max_position_embeddings", 512),
             config.get("dtype") or config.get("torch_dtype"),
         )
-    if kind not in ("llama", "mistral", "qwen2"):
+    if kind not in ("llama", "mistral", "qwen2", "qwen3"):
         return None
+    if kind == "qwen3" and config.get("attention_bias"):
+        return None  # biases on q/k/v/o: a shape this table does not count
     heads = config["num_attention_heads"]
     return ModelShape(
         model_type=kind,

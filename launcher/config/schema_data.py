@@ -72,7 +72,8 @@ class DataConfig(Section):
         "preference: prompt/chosen/rejected (DPO), chosen/rejected as answers or as whole "
         "conversations repeating the prompt (Argilla/UltraFeedback), an optional system "
         "column (a system turn first), trained by train.preference_loss; classification: text + label columns; kto: unpaired "
-        "prompt/completion/label (true: desirable) rows (KTO); reward: prompt/chosen/rejected "
+        "prompt/completion/label (true: desirable) rows (KTO), or messages (the last turn the "
+        "completion) + label; reward: prompt/chosen/rejected "
         "pairs for a reward model (model.task=sequence_classification, model.num_labels=1).",
     )
     chat_template: str | None = Field(

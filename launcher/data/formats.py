@@ -15,7 +15,8 @@ Pure Python: the plan imports this on the submitting host without torch.
                     system (str, optional): a system turn before the prompt
     classification  <text_column>: str, <label_column>: int in [0, num_labels) or str
     kto             prompt, completion: str or message lists; label: bool (true: the
-                    completion is desirable) - unpaired rows (KTO); system as preference
+                    completion is desirable) - unpaired rows (KTO); system as preference;
+                    or messages (its last turn the completion) and label
     reward          prompt, chosen, rejected as for preference: pairs a reward model scores
 
 Rows given to the trainers: alpaca and messages become conversational prompt/completion
@@ -279,7 +280,21 @@ def _classification_convert(row: Row, data: DataConfig, labels: dict[str, int] |
 # kto
 
 
+def _kto_row(row: Row) -> Row:
+    """A KTO row given as one conversation (`messages` and `label`, no `completion`:
+    LLaMA-Factory's kto_en_demo) as prompt/completion: the last turn is the completion, the
+    turns before it the prompt."""
+    if "completion" in row or "prompt" in row or not isinstance(row.get("messages"), list):
+        return row
+    return {**row, "prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+
+
 def _kto_problem(row: Row, data: DataConfig, num_labels: int | None) -> str | None:
+    if "completion" not in row and "prompt" not in row and "messages" in row:
+        problem = _messages_problem(row["messages"], "messages", last_assistant=True)
+        if problem or len(row["messages"]) < 2:
+            return problem or "'messages' needs the prompt's turns before the completion"
+        row = _kto_row(row)
     problem = (
         _turn_problem(row, "prompt", completion=False)
         or _system_problem(row)
@@ -295,6 +310,7 @@ def _kto_problem(row: Row, data: DataConfig, num_labels: int | None) -> str | No
 
 
 def _kto_convert(row: Row, data: DataConfig, labels: dict[str, int] | None) -> Row:
+    row = _kto_row(row)
     return {
         "prompt": _prompt_turns(row),
         "completion": _as_turns(row["completion"], "assistant"),

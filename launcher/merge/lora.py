@@ -42,7 +42,13 @@ from launcher.merge.safetensors_stream import (
 log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
-MODEL_PREFIX = {"llama": "model", "mistral": "model", "qwen2": "model", "distilbert": "distilbert"}
+MODEL_PREFIX = {
+    "llama": "model",
+    "mistral": "model",
+    "qwen2": "model",
+    "qwen3": "model",
+    "distilbert": "distilbert",
+}
 _LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_A|lora_B)\.(?P<param>weight|bias)$")
 _EMB_KEY = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
 _DORA_KEY = re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(\.weight)?$")

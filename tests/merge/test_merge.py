@@ -76,7 +76,7 @@ def load_4bit(base: Path, dtype: torch.dtype) -> Any:
     )
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_streamed_merge_equals_peft_merge_and_unload(arch: str, bases: Any, tmp_path: Path) -> None:
     base = bases(arch)
     run = tmp_path / "run"

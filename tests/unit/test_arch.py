@@ -30,7 +30,7 @@ def _real_counts(
     return total, trainable
 
 
-@pytest.mark.parametrize("key", [*BUILTIN, "llama", "qwen2"])
+@pytest.mark.parametrize("key", [*BUILTIN, "llama", "qwen2", "qwen3"])
 def test_counts_equal_real_model(key: str) -> None:
     shape = BUILTIN.get(key) or TINY[key]
     total, trainable = _real_counts(shape, r=8)

@@ -129,3 +129,28 @@ def test_a_system_column_becomes_the_system_turn_of_the_prompt(tmp_path: Path) -
         "'system' must be a string (got int)",
         "a 'system' column and a system turn in 'prompt': give the system prompt once",
     ]
+
+
+def test_kto_rows_given_as_one_conversation_split_at_the_last_turn(tmp_path: Path) -> None:
+    """LLaMA-Factory's kto_en_demo: `messages` (user, then the judged assistant turn) and a
+    bool `label`, no prompt/completion columns."""
+    rows = [
+        {"messages": convo("Jupiter"), "label": True},
+        {"messages": [{"role": "user", "content": Q}], "label": False},
+    ]
+    path = write(tmp_path / "k.jsonl", rows[:1])
+    base = recipe(path)
+    kto = base.model_copy(update={"data": base.data.model_copy(update={"format": "kto"})})
+    assert load_splits(kto).train == [
+        {
+            "prompt": [{"role": "user", "content": Q}],
+            "completion": [{"role": "assistant", "content": "Jupiter"}],
+            "label": True,
+        }
+    ]
+    broken = kto.model_copy(
+        update={"data": kto.data.model_copy(update={"train": str(write(path, rows))})}
+    )
+    with pytest.raises(RecipeError) as caught:
+        load_splits(broken)
+    assert "k.jsonl:2" in caught.value.render() and "'messages'" in caught.value.render()

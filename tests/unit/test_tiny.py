@@ -9,7 +9,7 @@ import pytest
 from launcher.cli import main
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_tiny_causal_lm_loads_and_generates(arch: str, tmp_path: Path) -> None:
     import torch
     import transformers
