@@ -160,6 +160,13 @@ def objective_of(recipe: Recipe) -> str:
     return next(o.name for o in OBJECTIVES.values() if fmt in o.formats)
 
 
+def kto_order(pairing: str) -> dict[str, Any]:
+    """The order KTO's rows are drawn in: TRL's pairing within a micro-batch needs its fixed
+    (sequential) order, KTOConfig's default; with each row carrying its KL partner
+    (previous_row, launcher/train/kto_pairs.py) the Trainer shuffles them, as LLaMA-Factory."""
+    return {"train_sampling_strategy": "random"} if pairing == "previous_row" else {}
+
+
 def objective_args(recipe: Recipe) -> dict[str, Any]:
     """The objective's own fields of its TRL config (DPOConfig, KTOConfig, ORPOConfig,
     CPOConfig, RewardConfig), every value decided here once; {} for SFT and classification
@@ -172,6 +179,7 @@ def objective_args(recipe: Recipe) -> dict[str, Any]:
             "desirable_weight": train.kto_desirable_weight,
             "undesirable_weight": train.kto_undesirable_weight,
             **length,
+            **kto_order(train.kto_kl_pairing),
         }
     if name in ("dpo", "orpo"):
         return {"beta": train.dpo_beta, **length}

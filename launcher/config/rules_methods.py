@@ -165,12 +165,12 @@ def preference_settings_need_preference_pairs(c: Candidate) -> list[Problem]:
                 recipe.train.preference_loss,
             )
         )
-    for name in ("kto_desirable_weight", "kto_undesirable_weight"):
+    for name in ("kto_desirable_weight", "kto_undesirable_weight", "kto_kl_pairing"):
         if name in given and objective != "kto":
             problems.append(
                 Problem(
                     f"train.{name}",
-                    f"a KTO weight; data.format={recipe.data.format} trains {objective}",
+                    f"a KTO setting; data.format={recipe.data.format} trains {objective}",
                     "use data.format=kto, or remove it",
                     getattr(recipe.train, name),
                 )
@@ -214,16 +214,34 @@ def reward_model_has_one_output(c: Candidate) -> list[Problem]:
 
 
 def kto_needs_two_rows_per_batch(c: Candidate) -> list[Problem]:
-    """TRL's KTOTrainer estimates its KL term from the other completions of the same
-    micro-batch, and refuses a micro-batch of one row."""
+    """TRL's KTOTrainer pairs each row with another completion of the same micro-batch for
+    its KL term, and refuses a micro-batch of one row; train.kto_kl_pairing=previous_row
+    pairs across the data (launcher/train/kto_pairs.py), any micro-batch."""
     recipe = c.recipe
-    if objective_of(recipe) != "kto" or recipe.train.micro_batch_size > 1:
+    if objective_of(recipe) != "kto":
+        return []
+    if recipe.train.kto_kl_pairing == "previous_row":
+        if recipe.distributed.strategy not in ("zero2", "zero3"):
+            return []
+        # the trainer passes TRL's checks with a micro-batch of 2 while it is built, which a
+        # DeepSpeed config holding the recipe's micro-batch rejects: never tried, so refused
+        return [
+            Problem(
+                "train.kto_kl_pairing",
+                "previous_row is not run under DeepSpeed",
+                "use distributed.strategy ddp or fsdp, or kto_kl_pairing: micro_batch with "
+                "train.micro_batch_size of 2 or more",
+                recipe.train.kto_kl_pairing,
+            )
+        ]
+    if recipe.train.micro_batch_size > 1:
         return []
     return [
         Problem(
             "train.micro_batch_size",
             "KTO estimates its KL term from the other rows of a micro-batch: one row has none",
-            "set train.micro_batch_size to 2 or more",
+            "set train.micro_batch_size to 2 or more, or train.kto_kl_pairing=previous_row "
+            "(each row paired with the previous row of the data, as LLaMA-Factory)",
             recipe.train.micro_batch_size,
         )
     ]

@@ -157,6 +157,14 @@ class TrainConfig(Section):
         gt=0,
         description="KTO: the loss weight of undesirable rows (TRL's undesirable_weight).",
     )
+    kto_kl_pairing: Literal["micro_batch", "previous_row"] = Field(
+        "micro_batch",
+        description="KTO: where each row's KL completion (another row's) comes from. "
+        "micro_batch: the previous row of its micro-batch, the rows in fixed order (TRL's "
+        "KTOTrainer; needs train.micro_batch_size >= 2); previous_row: the previous row of "
+        "the data, in batches of 1000 rows within each of data.num_proc shards, the rows then "
+        "shuffled (LLaMA-Factory's feedback processor; any micro-batch; not with DeepSpeed).",
+    )
     nan_policy: Literal["stop", "skip"] = Field(
         "stop", description="Non-finite loss: stop the run, or skip the step."
     )

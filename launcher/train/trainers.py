@@ -45,6 +45,10 @@ def build_trainer(
         parts |= classifier_parts(plan, net, lora, data, tokenizer)
     else:
         base = trl_trainer(kind)
+        if kind == "kto" and plan.recipe.train.kto_kl_pairing == "previous_row":
+            from launcher.train.kto_pairs import previous_row_kto_trainer
+
+            base = previous_row_kto_trainer()  # KL partners across the data, any micro-batch
         parts["peft_config"] = lora  # TRL applies it right after set_seed(args.seed)
     trainer_cls = callbacks.trainer_class(base, hooks)
     if plan.recipe.train.weight_decay_exempt == "none":

@@ -30,7 +30,6 @@ PEER_NAMES = {"axolotl", "llamafactory", "torchtune", "oumi"}
 EXTRA = PEERS / "extra"  # 8 more configs of the same kinds, the second table ("Beyond the 24")
 # recipes the plan refuses (exit 2), with the field it names: docs/peer-configs.md says why
 REFUSED_AT_PLAN = {
-    "extra/llamafactory/qwen3_lora_kto": "train.micro_batch_size",
     "extra/torchtune/llama3_3_70b_full_multinode": "train.global_batch_size",
 }
 
