@@ -1,12 +1,14 @@
 """The rank's one-pass preparation (launcher/data/prepare.py) gives what the row-by-row path
 gives: rows.load_splits (read, validate, convert, split, mix), each chat row tokenized by
-turns.tokenize_turns, then Dataset.from_list. The same trainer rows in the same order with the
-same Arrow types, the same data report, the same errors with the same line numbers, for every
-format in the registry."""
+turns.tokenize_turns (its labels built as TRL SFTTrainer builds them from `completion_mask`
+under completion-only loss), then Dataset.from_list. The same trainer rows in the same order
+with the same Arrow types, the same data report, the same errors with the same line numbers,
+for every format in the registry; and TRL's preparation of both gives the same rows."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,10 @@ import pytest
 
 from launcher.config.schema import Recipe
 from launcher.data import rows
+from launcher.data.chat_tokens import tokenize_conversations
+from launcher.data.examine import with_labels
 from launcher.data.formats import FORMATS, Example, get_format
-from launcher.data.prepare import prepare_splits, split_indices, tokenize_conversations
+from launcher.data.prepare import prepare_splits, split_indices
 from launcher.data.turns import TurnError, tokenize_turns
 from launcher.errors import RecipeError
 
@@ -85,8 +89,16 @@ def recipe(path: Path | list[dict[str, Any]], fmt: str, **data: Any) -> Recipe:
     )
 
 
+def trl_labels(row: dict[str, Any]) -> dict[str, Any]:
+    """TRL SFTTrainer's "Building labels" of one row under completion_only_loss (its
+    `build_labels` with mask_columns ["completion_mask"], the mask column then removed)."""
+    ids, mask = row["input_ids"], row["completion_mask"]
+    return {"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask, strict=False)]}
+
+
 def old_path(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any, list[dict[str, Any]], Any]:
-    """What the rank built before prepare.py: load_splits, tokenize_turns per row, from_list."""
+    """What the rank built before prepare.py: load_splits, tokenize_turns per row (with TRL's
+    labels where TRL builds them), from_list."""
     import datasets
 
     splits = rows.load_splits(recipe, rows.length_fn(tokenizer, recipe.data))
@@ -94,6 +106,8 @@ def old_path(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any, list[dict[str, A
     if get_format(recipe.data.format).turns:
         tokenize = rows.tokenized_turns(tokenizer, recipe.data)
         train, validation = [tokenize(r) for r in train], [tokenize(r) for r in validation]
+        if with_labels(recipe.data):
+            train, validation = [trl_labels(r) for r in train], [trl_labels(r) for r in validation]
 
     def arrow(split: list[dict[str, Any]]) -> Any:
         return datasets.Dataset.from_list(split) if split else None
@@ -232,3 +246,90 @@ def test_split_indices_hold_out_the_rows_split_rows_does(
     kept, out = split_indices(count, val_split, seed)
     assert [r["i"] for r in train] == kept.tolist()
     assert [r["i"] for r in held] == out.tolist()
+
+
+def test_chat_rows_keep_the_mask_without_completion_only_loss(
+    tmp_path: Path, tokenizer: Any
+) -> None:
+    path = corpus(tmp_path / "a.jsonl", "messages")
+    whole = recipe(str(path), "messages", completion_only_loss=False)
+    new = assert_same(whole, tokenizer, tmp_path / "c")
+    assert new.train.column_names == ["input_ids", "completion_mask"]
+
+
+@pytest.mark.parametrize("completion_only", [True, False])
+def test_labels_in_the_rows_exactly_when_the_trainer_masks_completions(
+    tmp_path: Path, completion_only: bool
+) -> None:
+    """The rows carry TRL's labels only where the rank's SFTConfig has completion_only_loss
+    (otherwise TRL would train every token of rows that came with labels)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from launcher.config.plan import ClusterFacts, resolve
+    from launcher.rundir import RunDir
+    from launcher.train.args import training_args
+
+    for fmt in ("alpaca", "messages"):
+        r = Recipe.model_validate(
+            {
+                "name": "x",
+                "model": {"name_or_path": "tiny:llama", "dtype": "fp32"},
+                "data": {
+                    "train": "a.jsonl",
+                    "format": fmt,
+                    "completion_only_loss": completion_only,
+                },
+                "train": {"precision": "fp32", "max_steps": 1},
+                "resources": {"nodes": 1, "gpus_per_node": 1, "accelerator": "cpu"},
+            }
+        )
+        plan = resolve(r, ClusterFacts(run_dir=str(tmp_path / "run"), python=sys.executable))
+        with mock.patch("trl.SFTConfig", lambda **kw: SimpleNamespace(**kw)):  # no process group
+            args = training_args(plan, RunDir(plan.run_dir), has_eval=False)
+        assert with_labels(r.data) is bool(args.completion_only_loss) is completion_only
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_trl_prepares_the_same_rows_from_both_paths(
+    tmp_path: Path, tokenizer: Any, packing: bool
+) -> None:
+    """What training receives: TRL SFTTrainer's own preparation (labels, truncation or
+    packing) of the reference rows and of prepare.py's rows gives the same dataset."""
+    from types import SimpleNamespace
+
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    path = corpus(tmp_path / "a.jsonl", "messages", 200)
+    r = recipe(str(path), "messages", max_seq_len=20, packing=packing)
+    splits = rows.load_splits(r, rows.length_fn(tokenizer, r.data))
+    reference = [rows.tokenized_turns(tokenizer, r.data)(row) for row in splits.train]
+    new = prepare_splits(r, tokenizer, tmp_path / "c").train
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_length=20,
+        packing=packing,
+        completion_only_loss=True,
+        report_to="none",
+        use_cpu=True,
+    )
+    owner = SimpleNamespace(completion_only_loss=True)
+
+    def prepared(dataset: Any) -> list[dict[str, Any]]:
+        done = SFTTrainer._prepare_dataset(owner, dataset, tokenizer, args, packing, None, "x")
+        return done.to_list()
+
+    found = prepared(new)
+    assert found and found == prepared(datasets.Dataset.from_list(reference))
+
+
+def test_the_duplicate_key_spells_rows_as_rows_key_does() -> None:
+    from launcher.data.examine import _KEY
+
+    for row in (
+        {"b": 1, "a": [1.5, None, True], "c": "ünï"},
+        {"instruction": "x", "input": "", "output": "y"},
+        {"messages": [{"role": "user", "content": "q"}], "when": Path("/x")},
+    ):
+        assert _KEY.encode(row) == rows._key(row)
