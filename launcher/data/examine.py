@@ -13,9 +13,11 @@ would build from `completion_mask`, so that it leaves them as they are) else as
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from launcher.config.schema import DataConfig
@@ -68,6 +70,25 @@ def completion_mask_of(ids: list[int], turns: list[tuple[int, int]]) -> list[int
     return completion_mask(len(ids), turns)
 
 
+def _gc_paused(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run fn with the cyclic garbage collector paused: a batch's rows make no cycles, and
+    its lists of token ids would otherwise set off collections that scan the whole worker's
+    heap."""
+
+    @functools.wraps(fn)
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if enabled:
+                gc.enable()
+
+    return paused
+
+
+@_gc_paused
 def examine(
     batch: dict[str, list[Any]],
     indices: list[int],
@@ -80,29 +101,7 @@ def examine(
     name: str,
     given: list[Row] | None,
 ) -> dict[str, list[Any]]:
-    """One batch of raw rows -> line, problem, key, over, and the trainer row. The cyclic
-    garbage collector is paused for the batch (its rows make no cycles; its lists of token
-    ids would otherwise set off collections that scan the whole worker's heap)."""
-    paused = gc.isenabled()
-    gc.disable()
-    try:
-        return _examine(batch, indices, data, labels, num_labels, tokenizer, chat, name, given)
-    finally:
-        if paused:
-            gc.enable()
-
-
-def _examine(
-    batch: dict[str, list[Any]],
-    indices: list[int],
-    data: DataConfig,
-    labels: dict[str, int] | None,
-    num_labels: int | None,
-    tokenizer: Any,
-    chat: ChatTokenizer | None,
-    name: str,
-    given: list[Row] | None,
-) -> dict[str, list[Any]]:
+    """One batch of raw rows -> line, problem, key, over, and the trainer row."""
     fmt = get_format(data.format)
     numbered, read_problems = parsed(batch, indices, name, given)
     columns = payload_columns(data)

@@ -112,3 +112,40 @@ def classification_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             }
         )
     return write_jsonl(tmp_path_factory.mktemp("cls") / "reviews.jsonl", rows)
+
+
+def rank_trainer(recipe_file: Path, *overrides: str, model_loss: bool = False) -> tuple[Any, Any]:
+    """(tokenizer, trainer) as a rank builds them for recipe_file, in this process, without
+    training (use a GPU plan: a CPU plan's gloo arguments need a process group); no trackers."""
+    from unittest import mock
+
+    from accelerate.state import AcceleratorState
+
+    from launcher.config.plan import ClusterFacts, resolve
+    from launcher.config.recipe import load_recipe
+    from launcher.tiny import build_base
+    from launcher.train import callbacks
+    from launcher.train import model as modeling
+    from launcher.train.args import training_args
+    from launcher.train.data import load_data, load_tokenizer
+    from launcher.train.trainers import build_trainer
+
+    recipe = load_recipe(recipe_file, list(overrides))
+    run_dir = recipe_file.parent / "run"
+    plan = resolve(recipe, ClusterFacts(run_dir=str(run_dir), python=sys.executable))
+    run = RunDir(plan.run_dir)
+    build_base(plan)
+    with mock.patch.dict(os.environ):
+        try:
+            tokenizer, added = load_tokenizer(plan)
+            data = load_data(plan, run, tokenizer, main=True)
+            args = training_args(plan, run, has_eval=False)
+            args.report_to = []
+            net, lora = modeling.build_model(plan, tokenizer, added, data)
+            hooks = callbacks.RunHooks(
+                run=run, nan_policy="stop", keep_last=1, rank=0, model_loss=model_loss
+            )
+            trainer = build_trainer(plan, net, lora, args, data, tokenizer, hooks, [])
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return tokenizer, trainer

@@ -12,19 +12,13 @@ Their refusals (no decay to exempt from, no score layer) are in tests/unit/broke
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 
-from launcher.config.plan import ClusterFacts, resolve
-from launcher.config.recipe import load_recipe
-from launcher.rundir import RunDir
-
 from .conftest import REPO
+from .conftest import rank_trainer as build
 
 DATA = REPO / "recipes" / "data"
 SFT = "model: {name_or_path: 'tiny:llama', dtype: fp32}\n" + (
@@ -40,35 +34,13 @@ REWARD = (
 def rank_trainer(tmp_path: Path, text: str, *overrides: str) -> Any:
     """The trainer a rank builds for the recipe `text` (a GPU plan in fp32: a CPU plan's gloo
     arguments need a process group)."""
-    from accelerate.state import AcceleratorState
-
-    from launcher.tiny import build_base
-    from launcher.train import callbacks
-    from launcher.train import model as modeling
-    from launcher.train.args import training_args
-    from launcher.train.data import load_data, load_tokenizer
-    from launcher.train.trainers import build_trainer
-
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(
         "name: rank\n" + text + "method: {kind: lora, dropout: 0.0}\n"
         "train: {precision: fp32, max_steps: 1, global_batch_size: 4, micro_batch_size: 4, "
         "trackers: []}\nresources: {accelerator: gpu}\n"
     )
-    recipe = load_recipe(recipe_file, list(overrides))
-    plan = resolve(recipe, ClusterFacts(run_dir=str(tmp_path / "run"), python=sys.executable))
-    run = RunDir(plan.run_dir)
-    build_base(plan)
-    with mock.patch.dict(os.environ):
-        try:
-            tokenizer, added = load_tokenizer(plan)
-            data = load_data(plan, run, tokenizer, main=True)
-            args = training_args(plan, run, has_eval=False)
-            net, lora = modeling.build_model(plan, tokenizer, added, data)
-            hooks = callbacks.RunHooks(run=run, nan_policy="stop", keep_last=1, rank=0)
-            return build_trainer(plan, net, lora, args, data, tokenizer, hooks, [])
-        finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
+    return build(recipe_file, *overrides)[1]
 
 
 def decay_by_name(trainer: Any) -> dict[str, float]:

@@ -5,17 +5,12 @@ In-process, one process, a tiny Llama; nothing is trained (the labels are the ou
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 
-from launcher.config.plan import ClusterFacts, resolve
-from launcher.config.recipe import load_recipe
-from launcher.rundir import RunDir
+from .conftest import rank_trainer
 
 pytestmark = pytest.mark.train
 
@@ -39,15 +34,6 @@ def chats(path: Path) -> Path:
 
 
 def trainer_labels(tmp_path: Path, *overrides: str) -> tuple[Any, Any, list[str]]:
-    from accelerate.state import AcceleratorState
-
-    from launcher.tiny import build_base
-    from launcher.train import callbacks
-    from launcher.train import model as modeling
-    from launcher.train.args import training_args
-    from launcher.train.data import load_data, load_tokenizer
-    from launcher.train.trainers import build_trainer
-
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(
         "name: turns\nmodel: {name_or_path: 'tiny:llama', dtype: fp32}\n"
@@ -55,23 +41,7 @@ def trainer_labels(tmp_path: Path, *overrides: str) -> tuple[Any, Any, list[str]
         "train: {precision: fp32, max_steps: 1, global_batch_size: 8, micro_batch_size: 8}\n"
         "resources: {accelerator: gpu}\n"  # a CPU plan's gloo arguments need a process group
     )
-    recipe = load_recipe(recipe_file, list(overrides))
-    plan = resolve(recipe, ClusterFacts(run_dir=str(tmp_path / "run"), python=sys.executable))
-    run = RunDir(plan.run_dir)
-    build_base(plan)
-    with mock.patch.dict(os.environ):
-        try:
-            tokenizer, added = load_tokenizer(plan)
-            data = load_data(plan, run, tokenizer, main=True)
-            args = training_args(plan, run, has_eval=False)
-            args.report_to = []
-            net, lora = modeling.build_model(plan, tokenizer, added, data)
-            hooks = callbacks.RunHooks(
-                run=run, nan_policy="stop", keep_last=1, rank=0, model_loss=True
-            )
-            trainer = build_trainer(plan, net, lora, args, data, tokenizer, hooks, [])
-        finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
+    tokenizer, trainer = rank_trainer(recipe_file, *overrides, model_loss=True)
     trained = [
         tokenizer.decode([t for t in row["labels"] if t != -100]) for row in trainer.train_dataset
     ]
