@@ -125,7 +125,8 @@ def trainable_params(
 class Objective:
     name: str
     summary: str  # one line for the README's objective table
-    trainer: str  # the trainer class the rank builds (launcher/train/trainers.py)
+    trainer: str  # dotted path of the trainer class the rank builds (launcher/train/trainers.py)
+    config: str  # dotted path of that trainer's arguments class (launcher/train/args.py)
     formats: tuple[str, ...]  # the data.format values it trains
     reference: bool  # the trainer keeps a frozen reference model (memory, time)
 
@@ -134,19 +135,21 @@ OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
         Objective("sft", "next-token loss (completion only for chat data)",
-                  "trl.SFTTrainer", ("alpaca", "messages", "text"), reference=False),
+                  "trl.SFTTrainer", "trl.SFTConfig", ("alpaca", "messages", "text"), reference=False),
         Objective("dpo", "direct preference optimisation on chosen/rejected pairs",
-                  "trl.DPOTrainer", ("preference",), reference=True),
+                  "trl.DPOTrainer", "trl.DPOConfig", ("preference",), reference=True),
         Objective("orpo", "SFT loss on chosen + odds-ratio penalty on rejected",
-                  "trl.experimental.orpo.ORPOTrainer", ("preference",), reference=False),
+                  "trl.experimental.orpo.ORPOTrainer",
+                  "trl.experimental.orpo.ORPOConfig", ("preference",), reference=False),
         Objective("simpo", "length-normalised reward margin (CPO, loss_type=simpo)",
-                  "trl.experimental.cpo.CPOTrainer", ("preference",), reference=False),
+                  "trl.experimental.cpo.CPOTrainer",
+                  "trl.experimental.cpo.CPOConfig", ("preference",), reference=False),
         Objective("kto", "Kahneman-Tversky: unpaired desirable / undesirable rows",
-                  "trl.KTOTrainer", ("kto",), reference=True),
+                  "trl.KTOTrainer", "trl.KTOConfig", ("kto",), reference=True),
         Objective("reward", "Bradley-Terry reward model: one score, chosen above rejected",
-                  "trl.RewardTrainer", ("reward",), reference=False),
+                  "trl.RewardTrainer", "trl.RewardConfig", ("reward",), reference=False),
         Objective("classification", "cross-entropy over model.num_labels classes",
-                  "transformers.Trainer", ("classification",), reference=False),
+                  "transformers.Trainer", "transformers.TrainingArguments", ("classification",), reference=False),
     )
 }  # fmt: skip
 

@@ -90,8 +90,13 @@ class Plan(BaseModel):
         return data
 
     @property
+    def run(self) -> RunDir:
+        """The run directory this plan was resolved for (its owner: launcher/rundir.py)."""
+        return RunDir(self.run_dir)
+
+    @property
     def deepspeed_path(self) -> str | None:
-        return str(RunDir(self.run_dir).deepspeed_file) if self.deepspeed else None
+        return str(self.run.deepspeed_file) if self.deepspeed else None
 
     @property
     def accelerate_path(self) -> str:
