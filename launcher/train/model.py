@@ -117,6 +117,7 @@ def load_model(
     if bnb is not None:
         from peft import prepare_model_for_kbit_training
 
+        keep_training_layout(model)
         kinds = sorted({type(m).__name__ for m in model.modules() if "bit" in type(m).__name__})
         quantized = sum(1 for m in model.modules() if type(m).__name__ in kinds)
         log.info("base quantized by bitsandbytes: %d layers (%s)", quantized, ", ".join(kinds))
@@ -127,6 +128,26 @@ def load_model(
         )
     model.config.use_cache = False
     return model
+
+
+def keep_training_layout(model: Any) -> int:
+    """Keep every 4-bit weight in the layout training computes with; returns how many
+    `Linear4bit` layers there are.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a `Linear4bit` weight for its CPU
+    inference kernel the first time the layer runs in eval mode without grad, which every
+    evaluation during training does (its `support_avx512bf16_for_cpu`, read from the CPU at
+    construction). After that the layer computes with another kernel than training did, and
+    saving it undoes the repack assuming uint8 storage: with `bnb_4bit_quant_storage` bf16
+    (what ZeRO-3 needs) the first checkpoint after an eval fails. A training run is not
+    inference: the repack is turned off, so eval, training and the saved checkpoint all see
+    the same 4-bit weight on every CPU (AVX2 machines never repack)."""
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def peft_config(plan: Plan, model: Any) -> Any:

@@ -17,6 +17,7 @@ from launcher.merge.lora import nf4_roundtrip_fn, quantized_weights
 from launcher.merge.run import merge_run
 from launcher.merge.verify import verify_run
 from launcher.rundir import RunDir
+from launcher.train.model import keep_training_layout
 
 from .conftest import TEMPLATE_MARK, build_base, scramble_shards, write_adapter, write_plan
 
@@ -71,9 +72,11 @@ def load_4bit(base: Path, dtype: torch.dtype) -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
     )
-    return transformers.AutoModelForCausalLM.from_pretrained(
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         base, dtype=dtype, quantization_config=config
     )
+    keep_training_layout(model)  # as launcher/train/model.py: no CPU inference repack
+    return model
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
