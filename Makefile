@@ -30,14 +30,20 @@ lint: setup
 	$(VENV)/bin/mypy
 
 # the whole suite: unit, real multi-process training, real SLURM, real vLLM, bench smoke
-# llama.cpp builds in the background meanwhile (scripts/setup.sh); the export tests run last
+# llama.cpp builds in the background meanwhile (scripts/setup.sh); the export tests run last.
+# pytest-xdist workers: one more than this machine's CPUs (many tests wait on processes,
+# servers and SLURM), at most 6; the grouping is tests/conftest.py's. The 30 slowest tests
+# are printed at the end (docs/testing.md).
+TEST_WORKERS ?= $(shell python3 -c 'import os; print(min(len(os.sched_getaffinity(0)) + 1, 6))')
 test:
 	LLAMA_CPP_BUILD=background bash scripts/setup.sh
 	$(MAKE) cluster-up lint
-	$(PY) -m pytest tests -v --durations=60 -p no:cacheprovider
+	$(PY) -m pytest tests -v -n $(TEST_WORKERS) --dist loadgroup --durations=30 -p no:cacheprovider
 
+# every test not marked train, slurm, vllm or bench (no SLURM cluster, no vLLM, no
+# multi-process training)
 test-fast: setup
-	$(PY) -m pytest tests -m "not train and not slurm and not vllm and not bench" -q
+	$(PY) -m pytest tests -m "not train and not slurm and not vllm and not bench" -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: setup
 	$(PY) tests/benchmarks/run_all.py
