@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# vLLM's CPU kernels compile once for every run and test of this checkout (serve/vllm.py
+# keeps a compile cache the user set)
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
 .PHONY: setup quickstart test test-fast cluster-up cluster-down lint bench bench-smoke reliability-report \
 	gpu-check

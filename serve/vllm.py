@@ -23,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any, Literal
@@ -64,6 +65,26 @@ TAIL_LINES = 30
 
 # --------------------------------------------------------------------------------------------
 # The managed process
+
+
+USER_WINS = ("VLLM_CPU_KVCACHE_SPACE", "TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT")
+
+
+def server_env(spec: ServeSpec, environ: Mapping[str, str], api_key: str | None) -> dict[str, str]:
+    """The server's environment: `environ` with render_env's variables over it (their
+    folders created), except those the user set (USER_WINS: a KV-cache size, compile caches
+    shared between runs, which inductor and vLLM key by what they compile); VLLM_API_KEY only
+    when serve.api_key_env gave one."""
+    env = dict(environ)
+    extra = {k: v for k, v in render_env(spec).items() if k not in USER_WINS or k not in env}
+    env |= extra
+    env.pop("VLLM_API_KEY", None)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    for name in ("VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH", "TMPDIR", "TORCHINDUCTOR_CACHE_DIR"):
+        if name in extra:
+            Path(extra[name]).mkdir(parents=True, exist_ok=True)
+    return env
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -172,17 +193,7 @@ class VLLMServer:
         if not self.port:
             self.port = free_port(spec.host if spec.host not in ("", "::") else "0.0.0.0")
         argv = render_argv(spec, self.port, self.python)
-        env = dict(os.environ)
-        extra = render_env(spec)
-        if "VLLM_CPU_KVCACHE_SPACE" in env:  # a user's own KV-cache size wins
-            extra.pop("VLLM_CPU_KVCACHE_SPACE", None)
-        env |= extra
-        env.pop("VLLM_API_KEY", None)
-        if self._api_key:
-            env["VLLM_API_KEY"] = self._api_key
-        for name in ("VLLM_CACHE_ROOT", "VLLM_RPC_BASE_PATH", "TMPDIR", "TORCHINDUCTOR_CACHE_DIR"):
-            if name in extra:
-                Path(extra[name]).mkdir(parents=True, exist_ok=True)
+        env = server_env(spec, os.environ, self._api_key)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")

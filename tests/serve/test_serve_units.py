@@ -87,6 +87,22 @@ def test_argv_lora_gpu_golden() -> None:
     ]  # fmt: skip
 
 
+def test_server_env_keeps_the_users_compile_caches_and_kv_size(tmp_path: Path) -> None:
+    """A compile cache shared between runs (TORCHINDUCTOR_CACHE_DIR, VLLM_CACHE_ROOT) and a
+    KV-cache size the user set win over the run directory's; the rest stays the run's."""
+    from serve.vllm import server_env
+
+    spec = ServeSpec(model="/m", served_name="m", engine="vllm-cpu", work_dir=str(tmp_path))
+    shared = {"TORCHINDUCTOR_CACHE_DIR": "/shared/inductor", "VLLM_CACHE_ROOT": "/shared/vllm"}
+    env = server_env(spec, {**shared, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_API_KEY": "x"}, None)
+    assert {k: env[k] for k in shared} == shared and env["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    assert env["TMPDIR"] == str(tmp_path / ".cache" / "tmp") and Path(env["TMPDIR"]).is_dir()
+    assert "VLLM_API_KEY" not in env  # only serve.api_key_env's value reaches the server
+    own = server_env(spec, {}, "k")
+    assert own["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / ".cache" / "inductor")
+    assert own["VLLM_API_KEY"] == "k"
+
+
 def test_env_cpu_fixes_and_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MY_KEY", "s3cret-value")
     cpu = ServeSpec(
