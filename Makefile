@@ -41,12 +41,12 @@ TEST_WORKERS ?= $(shell python3 -c 'import os; print(min(len(os.sched_getaffinit
 test:
 	LLAMA_CPP_BUILD=background bash scripts/setup.sh
 	$(MAKE) cluster-up lint
-	$(PY) -m pytest tests -v -n $(TEST_WORKERS) --dist loadgroup --durations=30 -p no:cacheprovider
+	$(PY) -m pytest tests -v -n $(TEST_WORKERS) --dist loadscope --durations=30 -p no:cacheprovider
 
 # every test not marked train, slurm, vllm or bench (no SLURM cluster, no vLLM, no
 # multi-process training)
 test-fast: setup
-	$(PY) -m pytest tests -m "not train and not slurm and not vllm and not bench" -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest tests -m "not train and not slurm and not vllm and not bench" -q -n $(TEST_WORKERS) --dist loadscope
 
 bench: setup
 	$(PY) tests/benchmarks/run_all.py
