@@ -8,7 +8,7 @@
   built once), and modules that share something bigger share a unit (GROUPS), which one
   worker runs whole: the real SLURM cluster (two emulated nodes: two workers' jobs would
   queue behind each other) and tests/serve's served run (one vLLM server). Trained runs that
-  tests only read are built once for all workers (tests/shared_runs.py).
+  tests only read are built once for all workers (tests/support/shared_runs.py).
 - Units are handed out longest first (GROUPS, then HEAVY, then the rest in collection order),
   one at a time as a worker runs out, so that a long one never starts last or waits behind
   another. docs/testing.md lists what each costs.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from launcher.rundir import RunDir
-from tests.shared_runs import build_once
+from tests.support.shared_runs import build_once
 
 ROOT = Path(__file__).resolve().parents[2]
 

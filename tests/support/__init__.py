@@ -1,0 +1,1 @@
+"""Helpers shared by the test stages (a test module never imports another test module)."""
