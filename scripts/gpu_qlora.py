@@ -55,6 +55,7 @@ def nf4(ctx: Context) -> dict[str, Any]:
 
     from launcher.config.arch import read_local_config, shape_from_config
     from launcher.config.memory import GIB, weight_bytes
+    from launcher.train.model import keep_training_layout
 
     path = ctx.model("llama3.2-1b")
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
@@ -70,6 +71,7 @@ def nf4(ctx: Context) -> dict[str, Any]:
         path, quantization_config=config, dtype=dtype, device_map={"": 0} if ctx.cuda else "cpu"
     )
     load_s = time.perf_counter() - start
+    keep_training_layout(model)  # as the rank loads it: no CPU inference repack
     linears: list[tuple[str, Any]] = [
         (n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)
     ]

@@ -130,7 +130,9 @@ def test_sigint_stops_every_process_and_the_same_command_resumes(
     assert stop["ranks"] == 2 and not stop["left"] and not stop["leftovers"], stop
     assert stop["record"]["state"] == "CANCELLED"
     assert "resume it by running the same command again" in stop["stderr"]
-    assert stop["complete"] and stop["complete"][0] == 10
+    # interrupted mid-run: at least checkpoint-10 complete, not the last step (how far the run
+    # got between checkpoint-10 and the signal depends on the machine's load)
+    assert stop["complete"] and 10 <= stop["complete"][-1] <= MAX_STEPS - 20, stop["complete"]
     run2 = sequence["sigterm"]["stderr"]
     assert "resum" in run2
     assert resumed_step(run2) == max(stop["complete"]), run2[-3000:]
