@@ -17,7 +17,7 @@
 # --budget     seconds the whole may take (default 470 on a GPU, 360 for --cpu-smoke): parts
 #              1, 3, 4 run side by side first (memory is per process), then part 2 alone
 #              (timings) in what is left; --cpu-smoke runs all four side by side
-# A `.whl/` folder (../shared/gpu/fetch-wheels.sh) is installed first into /tmp/site (not with
+# A `.whl/` folder (scripts/fetch-wheels.sh) is installed first into /tmp/site (not with
 # --cpu-smoke: those wheels are for the GPU machine's Python 3.12).
 # Environment: PYTHON (default python3); GPU_CHECK_WORK, a folder for the models and runs
 # (kept; default a new folder under TMPDIR, removed at the end unless GPU_CHECK_KEEP_WORK=1).

@@ -37,7 +37,7 @@ GOAL_MFU = 0.45
 LIGER_NOTE = (
     "Liger kernels: the last row runs the 8B LoRA row again with model.liger_kernel=true "
     "(transformers' use_liger_kernel; liger-kernel comes from .whl/, fetched by "
-    "../shared/gpu/fetch-wheels.sh); its tokens/s and peak memory beside the row without."
+    "scripts/fetch-wheels.sh); its tokens/s and peak memory beside the row without."
 )
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (or refresh) the project's virtual environment in .venv: torch's CPU wheel first
-# (see ../shared/ENVIRONMENT.md), then tune-launch with its dev and CPU-serving extras, at the
-# versions in constraints.txt.
+# (pip then keeps it instead of pulling a CUDA build), then tune-launch with its dev and
+# CPU-serving extras, at the versions in constraints.txt.
 # Idempotent: a stamp of pyproject.toml's hash skips the install when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

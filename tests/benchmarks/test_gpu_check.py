@@ -156,7 +156,7 @@ def recorded_bundle() -> int:
 
 def test_gpu_run_carries_under_the_64_mib_limit() -> None:
     """The tree plus .whl/ (measured now when it is here, else the size docs/gpu-results.md
-    recorded for ../shared/gpu/fetch-wheels.sh's bundle) fits one device call."""
+    recorded for scripts/fetch-wheels.sh's bundle) fits one call's 64 MiB."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: the carried tree is git's file list")
     tree = carried_bytes()

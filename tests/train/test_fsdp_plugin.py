@@ -1,7 +1,7 @@
 """FSDP under the default torchrun launcher: the rank's TrainingArguments build the FSDP
 plugin that transformers' Trainer hands to accelerate (which then wraps the model with FSDP2
 instead of DDP), wrapping the model's own block class. FSDP cannot run on CPU
-(../shared/ENVIRONMENT.md), so the plugin is built here with accelerate's real class, and a
+(accelerate refuses it), so the plugin is built here with accelerate's real class, and a
 recipe that would run FSDP as anything else is refused."""
 
 from __future__ import annotations
