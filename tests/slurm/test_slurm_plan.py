@@ -23,6 +23,7 @@ from cluster.slurm import SlurmBackend, sbatch_parameters
 from launcher.config.plan import ClusterFacts, Plan, resolve
 from launcher.config.recipe import load_recipe, localize
 from launcher.rundir import RunDir
+from tests.support.golden import check_golden, skip_if_updated
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -52,12 +53,8 @@ def test_sbatch_script_matches_golden(case: str, tmp_path: Path) -> None:
     recipe, overrides = CASES[case]
     plan = _plan(recipe, tmp_path, *overrides)
     text = _normalise(SlurmBackend().prepare(plan).script, plan)
-    golden = GOLDEN / f"{case}.sbatch"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.parent.mkdir(exist_ok=True)
-        golden.write_text(text)
-        pytest.skip(f"golden file rewritten: {golden}")
-    assert golden.read_text() == text, f"{golden} differs (UPDATE_GOLDEN=1 to accept)"
+    check_golden(GOLDEN / f"{case}.sbatch", text)
+    skip_if_updated()
 
 
 def test_gpu_request_only_on_gpu_clusters(tmp_path: Path) -> None:

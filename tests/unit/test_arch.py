@@ -8,7 +8,7 @@ import pytest
 
 from launcher.config.arch import BUILTIN, TINY, ModelShape
 from launcher.config.memory import estimate
-from tests.unit.test_memory import LLAMA8B_LORA
+from tests.support.cases import LLAMA8B_LORA
 
 
 def _real_counts(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from launcher.cli import main
+from tests.support.golden import check_golden, skip_if_updated
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -51,13 +51,6 @@ def test_rendered_configs_match_golden(name: str, tmp_path: Path) -> None:
         "accelerate.yaml": (run_dir / "accelerate.yaml").read_text(),
         "launch.json": json.dumps({"argv": plan["launch"], "env": plan["env"]}, indent=2),
     }
-    updating = bool(os.environ.get("UPDATE_GOLDEN"))
     for suffix, text in rendered.items():
-        text = _normalise(text, run_dir)
-        golden = GOLDEN / f"{name}.{suffix}"
-        if os.environ.get("UPDATE_GOLDEN"):
-            golden.write_text(text)
-            continue
-        assert golden.read_text() == text, f"{golden} differs (UPDATE_GOLDEN=1 to accept)"
-    if updating:
-        pytest.skip("golden files rewritten: rerun without UPDATE_GOLDEN to check them")
+        check_golden(GOLDEN / f"{name}.{suffix}", _normalise(text, run_dir))
+    skip_if_updated()
