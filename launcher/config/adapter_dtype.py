@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from launcher.config.strategies import get_strategy
 from launcher.errors import Problem
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def resolve_adapter_dtype(recipe: Recipe) -> str | None:
         return method.adapter_dtype
     if method.kind == "qlora":
         return "bf16"  # TRL casts a quantized model's adapters to bf16
-    zero3 = recipe.distributed.strategy == "zero3"
+    zero3 = get_strategy(recipe.distributed.strategy).zero_stage == 3
     if zero3 and recipe.model.dtype in SIXTEEN_BIT:
         return recipe.model.dtype  # TRL: autocast off under ZeRO-3, the base model's dtype
     return "fp32"  # peft's autocast_adapter_dtype
@@ -57,7 +58,7 @@ def adapter_dtype_is_possible(c: Candidate) -> list[Problem]:
                 chosen,
             )
         ]
-    if recipe.distributed.strategy == "zero3" and kind != "qlora":
+    if get_strategy(recipe.distributed.strategy).zero_stage == 3 and kind != "qlora":
         base = recipe.model.dtype
         if chosen != base:
             return [

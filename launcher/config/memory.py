@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 
 from launcher.config import methods
 from launcher.config.arch import ModelShape
+from launcher.config.strategies import get_strategy
 
 GIB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -128,10 +129,9 @@ def estimate(m: MemoryInputs) -> dict[str, object]:
     """Per-GPU breakdown (GiB) and host RAM needs; a plain dict so it lands in plan.json."""
     shape = m.shape
     ws = max(m.world_size, 1)
-    sharded_params = m.strategy in ("zero3", "fsdp")
-    sharded_grads = m.strategy in ("zero2", "zero3", "fsdp")
-    sharded_optim = m.strategy in ("zero2", "zero3", "fsdp")
-    deepspeed = m.strategy in ("zero2", "zero3")
+    strategy = get_strategy(m.strategy)
+    sharded_params, sharded_grads = strategy.shards_parameters, strategy.shards_gradients
+    sharded_optim, deepspeed = strategy.shards_optimizer, strategy.deepspeed
 
     weights = weight_bytes(shape, m.method, m.dtype, m.double_quant, m.quant_bits)
     trainable = trainable_params(m)
@@ -154,7 +154,7 @@ def estimate(m: MemoryInputs) -> dict[str, object]:
     )
 
     gpu_weights = weights / ws if sharded_params else weights
-    offload_params = m.offload_params and m.strategy in ("zero3", "fsdp")
+    offload_params = m.offload_params and strategy.offloads_parameters
     if offload_params:
         gpu_weights = 0.0
     gpu_grads = grad_bytes / ws if sharded_grads else grad_bytes
@@ -162,7 +162,7 @@ def estimate(m: MemoryInputs) -> dict[str, object]:
     host_optim = 0.0
     if m.offload_optimizer and deepspeed:
         host_optim, gpu_optim = gpu_optim * m.gpus_per_node, 0.0
-    if offload_params and m.strategy == "fsdp":
+    if offload_params and strategy.fsdp:
         # FSDP2's CPU offload keeps each rank's shard of the parameters, their gradients and
         # the optimizer step on the host
         host_optim = (gpu_grads + gpu_optim) * m.gpus_per_node
@@ -211,7 +211,7 @@ def suggestions(m: MemoryInputs) -> list[str]:
     GiB per GPU it saves (the estimate redone with that one change)."""
     half_seq, half_batch = max(1, m.seq_len // 2), max(1, m.micro_batch_size // 2)
     options: list[tuple[str, MemoryInputs]] = []
-    if m.strategy not in ("zero3", "fsdp") and m.world_size > 1:
+    if not get_strategy(m.strategy).shards_parameters and m.world_size > 1:
         options.append(
             (
                 "distributed.strategy=zero3 (shard weights, gradients and optimizer states)",
@@ -249,7 +249,7 @@ def suggestions(m: MemoryInputs) -> list[str]:
                 replace(m, micro_batch_size=half_batch),
             )
         )
-    if m.strategy in ("zero2", "zero3") and not m.offload_optimizer:
+    if get_strategy(m.strategy).offloads_optimizer and not m.offload_optimizer:
         options.append(("distributed.offload_optimizer=true", replace(m, offload_optimizer=True)))
     now = float(estimate(m)["per_gpu_gib"])  # type: ignore[arg-type]
     ranked = []

@@ -18,6 +18,7 @@ from launcher.config import arch, memory, render, rules
 from launcher.config.adapter_dtype import resolve_adapter_dtype
 from launcher.config.methods import Method, get_method, objective_args, objective_of
 from launcher.config.schema import Recipe, quant_compute_dtype, quant_storage
+from launcher.config.strategies import get_strategy
 from launcher.errors import RecipeError
 from launcher.rundir import RunDir
 
@@ -288,7 +289,7 @@ def resolve(recipe: Recipe, facts: ClusterFacts) -> Plan:
         overlap_comm=dist.overlap_comm,
     )
     fsdp = None
-    if dist.strategy == "fsdp" and shape:  # rules: fsdp has a known shape
+    if get_strategy(dist.strategy).fsdp and shape:  # rules: fsdp has a known shape
         fsdp = render.render_fsdp(
             layer_class=shape.layer_class, offload_params=dist.offload_params, fsdp=dist.fsdp
         )

@@ -15,6 +15,7 @@ from typing import Any
 
 from launcher.config.arch import ModelShape
 from launcher.config.schema_fsdp import FSDP1_ONLY, FsdpConfig
+from launcher.config.strategies import get_strategy
 from launcher.rundir import RunDir
 
 NODE_RANK, MASTER_ADDR, MASTER_PORT = "{node_rank}", "{master_addr}", "{master_port}"
@@ -34,7 +35,8 @@ def render_deepspeed(
     overlap_comm: bool = True,
 ) -> dict[str, Any] | None:
     """The DeepSpeed config for zero2/zero3, or None for other strategies."""
-    if strategy not in ("zero2", "zero3"):
+    stage = get_strategy(strategy).zero_stage
+    if stage is None:
         return None
     # bucket sizes follow the hidden size; when the shape is unknown offline they stay "auto",
     # which the Trainer's DeepSpeed integration fills from the loaded model's config
@@ -44,12 +46,12 @@ def render_deepspeed(
         return int(value) if shape else "auto"
 
     zero: dict[str, Any] = {
-        "stage": 2 if strategy == "zero2" else 3,
+        "stage": stage,
         "overlap_comm": overlap_comm,
         "contiguous_gradients": True,
         "reduce_bucket_size": sized(h * h),
     }
-    if strategy == "zero2":
+    if stage == 2:
         zero |= {
             "allgather_partitions": True,
             "allgather_bucket_size": int(5e8),
@@ -66,7 +68,7 @@ def render_deepspeed(
         }
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if offload_params and strategy == "zero3":
+    if offload_params and get_strategy(strategy).offloads_parameters:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -144,7 +146,7 @@ def render_accelerate(
     """accelerate's config file (the keys `accelerate config` writes); `fsdp` is
     render_fsdp's result for the fsdp strategy."""
     world = nodes * gpus_per_node
-    if strategy in ("zero2", "zero3"):
+    if get_strategy(strategy).deepspeed:
         distributed_type = "DEEPSPEED"
     elif fsdp:
         distributed_type = "FSDP"
@@ -176,7 +178,7 @@ def render_accelerate(
         config["deepspeed_config"] = {
             "deepspeed_config_file": deepspeed_path,
             "deepspeed_multinode_launcher": "standard",
-            "zero3_init_flag": strategy == "zero3",
+            "zero3_init_flag": get_strategy(strategy).shards_parameters,
         }
         # with a DeepSpeed file, precision lives in the file
         config.pop("mixed_precision")

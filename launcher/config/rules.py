@@ -27,6 +27,7 @@ from launcher.config.adapter_dtype import adapter_dtype_is_possible
 from launcher.config.arch import ModelShape
 from launcher.config.methods import get_method
 from launcher.config.schema import Recipe
+from launcher.config.strategies import get_strategy
 from launcher.errors import Problem
 
 
@@ -75,7 +76,10 @@ def fp16_weights_not_trained_in_bf16(c: Candidate) -> list[Problem]:
 
 
 def fsdp_needs_gpu(c: Candidate) -> list[Problem]:
-    if c.recipe.distributed.strategy != "fsdp" or c.recipe.resources.accelerator == "gpu":
+    if (
+        not get_strategy(c.recipe.distributed.strategy).gpu_only
+        or c.recipe.resources.accelerator == "gpu"
+    ):
         return []
     return [
         Problem(
@@ -89,7 +93,7 @@ def fsdp_needs_gpu(c: Candidate) -> list[Problem]:
 
 def fsdp_needs_known_layer_class(c: Candidate) -> list[Problem]:
     """FSDP wraps each transformer block by its class name; never guess one."""
-    if c.recipe.distributed.strategy != "fsdp" or c.shape is not None:
+    if not get_strategy(c.recipe.distributed.strategy).fsdp or c.shape is not None:
         return []
     return [
         Problem(
@@ -142,7 +146,7 @@ def warmup_given_once(c: Candidate) -> list[Problem]:
 
 def offload_params_needs_zero3(c: Candidate) -> list[Problem]:
     dist = c.recipe.distributed
-    if not dist.offload_params or dist.strategy in ("zero3", "fsdp"):
+    if not dist.offload_params or get_strategy(dist.strategy).offloads_parameters:
         return []  # fsdp: FSDP2's CPU offload (launcher/config/render.py render_fsdp)
     return [
         Problem(
@@ -156,7 +160,7 @@ def offload_params_needs_zero3(c: Candidate) -> list[Problem]:
 
 def offload_optimizer_needs_zero(c: Candidate) -> list[Problem]:
     dist = c.recipe.distributed
-    if not dist.offload_optimizer or dist.strategy in ("zero2", "zero3"):
+    if not dist.offload_optimizer or get_strategy(dist.strategy).offloads_optimizer:
         return []
     return [
         Problem(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from launcher.config.methods import get_method, objective_of
+from launcher.config.strategies import get_strategy
 from launcher.errors import Problem
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ def prompt_learning_not_under_zero3(c: Candidate) -> list[Problem]:
     encoder's partitioned weight, waiting for ranks that never join."""
     recipe = c.recipe
     method = get_method(recipe.method.kind)
-    if not method.virtual_tokens or recipe.distributed.strategy != "zero3":
+    if not method.virtual_tokens or get_strategy(recipe.distributed.strategy).zero_stage != 3:
         return []
     return [
         Problem(
@@ -221,7 +222,7 @@ def kto_needs_two_rows_per_batch(c: Candidate) -> list[Problem]:
     if objective_of(recipe) != "kto":
         return []
     if recipe.train.kto_kl_pairing == "previous_row":
-        if recipe.distributed.strategy not in ("zero2", "zero3"):
+        if not get_strategy(recipe.distributed.strategy).deepspeed:
             return []
         # the trainer passes TRL's checks with a micro-batch of 2 while it is built, which a
         # DeepSpeed config holding the recipe's micro-batch rejects: never tried, so refused

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from launcher.config.schema import quant_compute_dtype
+from launcher.config.strategies import get_strategy
 from launcher.errors import Problem
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ FOUR_BIT_ONLY = ("type", "double_quant", "compute_dtype", "quant_storage")
 
 def qlora_storage_equals_compute_when_sharded(c: Candidate) -> list[Problem]:
     method, strategy = c.recipe.method, c.recipe.distributed.strategy
-    if method.kind != "qlora" or strategy not in ("zero3", "fsdp"):
+    if method.kind != "qlora" or not get_strategy(strategy).shards_parameters:
         return []
     compute = quant_compute_dtype(c.recipe)
     if method.quant.quant_storage in (None, compute):
@@ -63,7 +64,7 @@ def eight_bit_settings_fit(c: Candidate) -> list[Problem]:
         for name in FOUR_BIT_ONLY
         if name in quant.model_fields_set
     ]
-    if strategy in ("zero3", "fsdp"):
+    if get_strategy(strategy).shards_parameters:
         problems.append(
             Problem(
                 "method.quant.bits",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from launcher.config.schema_fsdp import FSDP1_ONLY
+from launcher.config.strategies import get_strategy
 from launcher.errors import Problem
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ def overlap_comm_is_deepspeeds(c: Candidate) -> list[Problem]:
     """distributed.overlap_comm is a ZeRO setting: DDP and FSDP always overlap their
     reductions with the backward pass, so `false` could not be honoured there."""
     dist = c.recipe.distributed
-    if dist.overlap_comm or dist.strategy in ("zero2", "zero3"):
+    if dist.overlap_comm or get_strategy(dist.strategy).deepspeed:
         return []
     return [
         Problem(
@@ -66,7 +67,7 @@ def loader_settings_fit(c: Candidate) -> list[Problem]:
             )
         )
     strategy = c.recipe.distributed.strategy
-    if train.ddp_find_unused_parameters is not None and strategy != "ddp":
+    if train.ddp_find_unused_parameters is not None and not get_strategy(strategy).plain_ddp:
         problems.append(
             Problem(
                 "train.ddp_find_unused_parameters",
@@ -85,7 +86,7 @@ def fsdp_settings_fit_their_version(c: Candidate) -> list[Problem]:
     given = dist.fsdp.model_fields_set
     if not given:
         return []
-    if dist.strategy != "fsdp":
+    if not get_strategy(dist.strategy).fsdp:
         return [
             Problem(
                 f"distributed.fsdp.{name}",
@@ -122,7 +123,7 @@ def fsdp_settings_fit_their_version(c: Candidate) -> list[Problem]:
 
 def fsdp1_is_deprecated(c: Candidate) -> list[str]:
     dist = c.recipe.distributed
-    if dist.strategy != "fsdp" or dist.fsdp.version != 1:
+    if not get_strategy(dist.strategy).fsdp or dist.fsdp.version != 1:
         return []
     return [
         "distributed.fsdp.version=1: FSDP1 is deprecated by transformers (5.19 runs it and "

@@ -19,6 +19,7 @@ from launcher.config.schema_data import DataSources as DataSources
 from launcher.config.schema_fsdp import FsdpConfig
 from launcher.config.schema_train import TrainConfig as TrainConfig
 from launcher.config.sections import Dtype, Section
+from launcher.config.strategies import get_strategy
 
 SECRET_DEFAULTS = ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"]
 
@@ -398,6 +399,6 @@ def quant_storage(recipe: Recipe) -> str | None:
     default uint8 (None for other methods and for an 8-bit base)."""
     if recipe.method.kind != "qlora" or recipe.method.quant.bits != 4:
         return None
-    if recipe.distributed.strategy in ("zero3", "fsdp"):
+    if get_strategy(recipe.distributed.strategy).shards_parameters:
         return quant_compute_dtype(recipe)
     return recipe.method.quant.quant_storage or "uint8"
