@@ -4,7 +4,7 @@ Its --cpu-smoke run goes through every part with the tiny shape, so the GPU run 
 script's first run: each check either measured something real here (the planner's estimate
 and the run's peak RSS, tokens/s, the FSDP plans, the probe inside the rank's code, NF4
 loading, ZeRO-2/3 runs) or was skipped with a reason naming CUDA. And what a GPU run carries
-(the working tree plus the wheels in .whl/) must fit the device tool's 64 MiB.
+(the working tree plus the wheels in .whl/) must fit one 64 MiB transfer to the GPU node.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = ("planner", "throughput", "fsdp", "qlora")
-CARRY_LIMIT = 64 * 2**20  # the device tool: tree + carried paths per call
+CARRY_LIMIT = 64 * 2**20  # what one transfer to the GPU node may carry: tree + wheels
 RESULT_FILES = {f"{p}.json" for p in PARTS} | {"summary.json", "logs.tar.gz"}
 
 
@@ -133,7 +133,7 @@ def test_smoke_qlora_kernels_and_zero_runs(smoke: Path) -> None:
 
 
 def carried_bytes() -> int:
-    """What the device tool sends with every call: tracked files and untracked ones git does
+    """What travels to the GPU node with the checkout: tracked files and untracked ones git does
     not ignore, plus a shared/ folder inside the checkout."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -169,7 +169,7 @@ def test_gpu_run_carries_under_the_64_mib_limit() -> None:
     print(f"tree {tree / mib:.1f} MiB + wheels {bundle / mib:.1f} MiB of {CARRY_LIMIT / mib} MiB")
     assert tree + bundle <= CARRY_LIMIT, (
         f"a GPU call would carry {(tree + bundle) / mib:.1f} MiB (tree {tree / mib:.1f}, "
-        f"wheels {bundle / mib:.1f}): over the device tool's 64 MiB"
+        f"wheels {bundle / mib:.1f}): over the 64 MiB a transfer may carry"
     )
 
 
