@@ -7,8 +7,10 @@ recomputed here. Pure: builds the object, launches nothing (tests/train/test_ran
 from __future__ import annotations
 
 import copy
+import importlib
 from typing import Any
 
+from launcher.config.methods import OBJECTIVES
 from launcher.config.plan import Plan
 from launcher.data.formats import get_format
 from launcher.rundir import RunDir
@@ -131,15 +133,7 @@ def training_args(plan: Plan, run: RunDir, *, has_eval: bool, universal: bool = 
 
 
 def objective_config(objective: str) -> type:
-    """The TRL config class of a preference or reward objective (methods.OBJECTIVES)."""
-    if objective == "orpo":
-        from trl.experimental.orpo import ORPOConfig
-
-        return ORPOConfig
-    if objective == "simpo":
-        from trl.experimental.cpo import CPOConfig
-
-        return CPOConfig
-    import trl
-
-    return {"dpo": trl.DPOConfig, "kto": trl.KTOConfig, "reward": trl.RewardConfig}[objective]
+    """The TRL config class of a preference or reward objective (methods.OBJECTIVES' `config`)."""
+    module, _, name = OBJECTIVES[objective].config.rpartition(".")
+    cls: type = getattr(importlib.import_module(module), name)
+    return cls

@@ -210,3 +210,15 @@ def test_a_plan_written_before_objectives_were_planned_reads_the_recipes(tmp_pat
     del older["objective"], older["objective_args"]
     again = Plan.model_validate_json(json.dumps(older))
     assert (again.objective, again.objective_args) == ("kto", plan.objective_args)
+
+
+def test_every_objectives_trainer_and_config_classes_import() -> None:
+    """Objective.trainer / .config name classes that exist (the rank imports them by path)."""
+    import importlib
+
+    from launcher.config.methods import OBJECTIVES
+
+    for objective in OBJECTIVES.values():
+        for path in (objective.trainer, objective.config):
+            module, _, name = path.rpartition(".")
+            assert isinstance(getattr(importlib.import_module(module), name), type), path
